@@ -1,0 +1,147 @@
+"""Every launch configuration and launch heuristic of tritonbn's kernels, in one place.
+
+Two kinds of choices live here:
+
+* autotuned configs (tile size, warps): benchmarked per shape bucket by ``triton.autotune``;
+  the first config of each list is the default, used when tuning is off and in Triton's
+  interpreter (which cannot benchmark, and with several configs raises "0 active drivers"
+  on a machine without a GPU);
+* heuristics that decide the shape of work (how many programs share one channel's reduction).
+  They are not tuned because they fix the size of the partial-statistics buffers, which are
+  allocated before the launch.
+
+Environment switches:
+
+* ``TRITONBN_AUTOTUNE=0`` disables tuning: every kernel runs its default config.
+* ``TRITONBN_AUTOTUNE_CACHE=0`` keeps tuned configs in memory only (default: on disk, in
+  Triton's cache directory, so a later process reuses them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = os.environ.get("TRITONBN_AUTOTUNE", "1") != "0" and not INTERPRETER
+AUTOTUNE_DISK_CACHE = os.environ.get("TRITONBN_AUTOTUNE_CACHE", "1") != "0"
+
+# A program that owns a slice of one channel's reduction should get at least this many
+# elements: below it, the launch and the partial-statistics combine cost more than they save.
+MIN_ELEMENTS_PER_PROGRAM = 16384
+# Aim for this many programs per streaming multiprocessor, so that each SM has several
+# programs in flight to hide memory latency.
+PROGRAMS_PER_SM = 4
+# Spatial split boundaries are multiples of this many elements, so that every split starts
+# 128-byte aligned and keeps vectorised loads.
+SPATIAL_SPLIT_QUANTUM = 1024
+# Channels per program assumed by the split heuristic of the channels-last kernels (the
+# tuned BLOCK_C is 16 to 64; the heuristic only needs the order of magnitude).
+ROWS_CHANNELS_PER_PROGRAM = 32
+# Default SM count when no CUDA device is visible (interpreter runs): an H100 SXM's.
+DEFAULT_SM_COUNT = 132
+
+
+def _config(tile: int, warps: int, **extra: int) -> triton.Config:
+    return triton.Config({"TILE": tile, **extra}, num_warps=warps)
+
+
+# Tiles of one channel's data, [BLOCK_N, BLOCK_S] with BLOCK_N * BLOCK_S = TILE (NCHW-like
+# layouts, spatial contiguous). 4 warps x 32 threads x 8 fp32 per thread = 1024 elements,
+# so TILE >= 1024 gives every thread at least two 128-bit loads in flight.
+# The interpreter runs NumPy per program: its default is a large tile, few programs.
+_NCS_REDUCE = [
+    _config(2048, 4),
+    _config(4096, 8),
+    _config(1024, 4),
+    _config(8192, 8),
+]
+_NCS_ELEMENTWISE = [
+    _config(2048, 4),
+    _config(4096, 8),
+    _config(1024, 4),
+    _config(8192, 16),
+]
+# Tiles of [BLOCK_M rows, BLOCK_C channels] for channels-last layouts (and 2D inputs): the
+# channel axis is contiguous. MAX_BLOCK_C bounds it so that a wide C still leaves rows to
+# coalesce over; 64 fp32 = 256 bytes per row segment.
+_ROWS_REDUCE = [
+    _config(2048, 4, MAX_BLOCK_C=64),
+    _config(4096, 8, MAX_BLOCK_C=64),
+    _config(2048, 4, MAX_BLOCK_C=32),
+    _config(4096, 8, MAX_BLOCK_C=128),
+]
+_ROWS_ELEMENTWISE = [
+    _config(2048, 4, MAX_BLOCK_C=64),
+    _config(4096, 8, MAX_BLOCK_C=128),
+    _config(1024, 4, MAX_BLOCK_C=32),
+    _config(8192, 8, MAX_BLOCK_C=128),
+]
+# Per-channel vectors (combining partial statistics, running-stat update): tiny work.
+PER_CHANNEL_BLOCK = 128
+
+
+def configs(kind: str) -> list[triton.Config]:
+    """The autotune configs of one kernel family; one config when tuning is impossible or off."""
+    table = {
+        "ncs_reduce": _NCS_REDUCE,
+        "ncs_elementwise": _NCS_ELEMENTWISE,
+        "rows_reduce": _ROWS_REDUCE,
+        "rows_elementwise": _ROWS_ELEMENTWISE,
+    }
+    chosen = table[kind]
+    if INTERPRETER:
+        # Fewer, larger programs: the interpreter's cost is per program and per op.
+        return [_config(chosen[0].kwargs["TILE"] * 2, 4, **{k: v for k, v in chosen[0].kwargs.items() if k != "TILE"})]
+    return chosen if AUTOTUNE else chosen[:1]
+
+
+def all_configs(kind: str) -> list[triton.Config]:
+    """Every config of a family, whatever the environment (for ahead-of-time compile checks)."""
+    return {
+        "ncs_reduce": _NCS_REDUCE,
+        "ncs_elementwise": _NCS_ELEMENTWISE,
+        "rows_reduce": _ROWS_REDUCE,
+        "rows_elementwise": _ROWS_ELEMENTWISE,
+    }[kind]
+
+
+def size_bucket(n: int) -> int:
+    """Autotune key for a size: its next power of two, so nearby shapes share a tuned config."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def ncs_split(n: int, c: int, s: int, sm_count: int) -> tuple[int, int]:
+    """How many programs share one channel's reduction in the NCHW-like kernels.
+
+    Returns ``(split_n, split_s)``: the batch axis is cut into ``split_n`` chunks and the
+    spatial axis into ``split_s`` chunks (multiples of ``SPATIAL_SPLIT_QUANTUM``). ``(1, 1)``
+    means one program per channel, and the launcher then uses the fused single-launch kernel.
+    """
+    target = sm_count * PROGRAMS_PER_SM
+    per_channel = n * s
+    if c >= target or per_channel <= 2 * MIN_ELEMENTS_PER_PROGRAM:
+        return 1, 1
+    split = min(triton.cdiv(target, c), per_channel // MIN_ELEMENTS_PER_PROGRAM)
+    split_n = min(n, split)
+    split_n = triton.cdiv(n, triton.cdiv(n, split_n))  # no empty chunk
+    split_s = 1
+    if split_n < split:
+        max_split_s = triton.cdiv(s, SPATIAL_SPLIT_QUANTUM)
+        split_s = min(triton.cdiv(split, split_n), max_split_s)
+        s_chunk = triton.cdiv(triton.cdiv(s, split_s), SPATIAL_SPLIT_QUANTUM) * SPATIAL_SPLIT_QUANTUM
+        split_s = triton.cdiv(s, s_chunk)
+    return split_n, split_s
+
+
+def rows_split(m: int, c: int, sm_count: int) -> int:
+    """How many programs share each channel block's rows in the channels-last kernels."""
+    target = sm_count * PROGRAMS_PER_SM
+    channel_blocks = triton.cdiv(c, ROWS_CHANNELS_PER_PROGRAM)
+    per_block = m * min(c, ROWS_CHANNELS_PER_PROGRAM)
+    if channel_blocks >= target or per_block <= 2 * MIN_ELEMENTS_PER_PROGRAM:
+        return 1
+    split = min(triton.cdiv(target, channel_blocks), per_block // MIN_ELEMENTS_PER_PROGRAM)
+    split = min(split, m)
+    return triton.cdiv(m, triton.cdiv(m, split))  # no empty chunk

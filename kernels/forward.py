@@ -1,0 +1,367 @@
+"""BatchNorm forward kernels: batch statistics, normalisation, eval.
+
+For each channel c, over the M = N * spatial elements of that channel:
+
+    mean_c = (1/M) sum x
+    var_c  = (1/M) sum (x - mean_c)^2                 (biased: it normalises)
+    rstd_c = 1 / sqrt(var_c + eps)
+    y      = (x - mean_c) * rstd_c * w_c + b_c
+
+In eval mode mean_c and var_c are the running statistics and only the last line runs.
+
+The input is seen in one of two canonical layouts, both read through their strides:
+
+* NCS: [N, C, S] with the spatial axis S contiguous (NCHW, NCDHW, (N, C, L)). A program
+  works on one channel; tiles are [BLOCK_N, BLOCK_S].
+* rows: [M, C] with the channel axis contiguous (channels_last, channels_last_3d, (N, C)).
+  A program works on BLOCK_C channels; tiles are [BLOCK_M, BLOCK_C].
+
+Training forward takes one of two routes, chosen by the launcher from the split heuristic
+(kernels/configs.py):
+
+* fused: one program per channel (block) reduces the whole channel, then normalises it.
+  One launch; the second read of x mostly hits L2 because each program's slice is small.
+* split: partial statistics from many programs per channel -> a combine kernel that writes
+  mean, rstd and var -> an elementwise normalise kernel. Used when there are too few
+  channels to fill the GPU (ResNet stem: C = 64, M = 256 * 112 * 112).
+
+Statistics are accumulated and stored in ACC (float32, or float64 for float64 input).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine
+from .configs import AUTOTUNE_DISK_CACHE, PER_CHANNEL_BLOCK, configs
+
+# ----------------------------------------------------------------------------------------------
+# NCS layout: [N, C, S], S contiguous
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+                       ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(count, mean, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
+    count = tl.zeros([], ACC)
+    mean = tl.zeros([], ACC)
+    m2 = tl.zeros([], ACC)
+    base = X + c.to(tl.int64) * stride_c
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        if INT64_INDEX:
+            n = n.to(tl.int64)
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (n < n_end)[:, None] & (s < s_end)[None, :]
+            x = tl.load(base + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC)
+            tile_count = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(s_end - s0, BLOCK_S)).to(ACC)
+            tile_mean = tl.sum(x) / tile_count
+            centred = tl.where(mask, x - tile_mean, 0.0)
+            count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred))
+    return count, mean, m2
+
+
+@triton.jit
+def _ncs_normalize_tile(X, Y, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
+                        mean, scale, shift,
+                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = (x - mean) * scale + shift on one [BLOCK_N, BLOCK_S] tile of channel c."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if INT64_INDEX:
+        n = n.to(tl.int64)
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (n < N)[:, None] & (s < S)[None, :]
+    c64 = c.to(tl.int64)
+    x = tl.load(X + c64 * stride_c + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC)
+    y = (x - mean) * scale + shift
+    tl.store(Y + c64 * y_stride_c + n[:, None] * y_stride_n + s[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel (scale, shift) with y = (x - mean) * scale + shift."""
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(W + c).to(ACC)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(B + c).to(ACC)
+    return scale, shift
+
+
+@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(NCS_HEURISTICS)
+@triton.jit
+def _bn_fwd_stats_ncs(
+    X,  # [N, C, S] input
+    PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC)
+    N, C, S, stride_n, stride_c,
+    n_chunk, s_chunk,  # batch rows and spatial elements per program
+    split_n, split_s,
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid: C * split_n * split_s programs; a channel's programs are adjacent.
+    pid = tl.program_id(0)
+    splits = split_n * split_s
+    c = pid // splits
+    part = pid % splits
+    n_begin = (part // split_s) * n_chunk
+    s_begin = (part % split_s) * s_chunk
+    n_end = tl.minimum(n_begin + n_chunk, N)
+    s_end = tl.minimum(s_begin + s_chunk, S)
+    count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+                                         ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    offset = part * C + c
+    tl.store(PartCount + offset, count)
+    tl.store(PartMean + offset, mean)
+    tl.store(PartM2 + offset, m2)
+
+
+@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(NCS_HEURISTICS)
+@triton.jit
+def _bn_fwd_fused_ncs(
+    X, Y,  # [N, C, S] input and output (each through its own strides)
+    W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
+    Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
+    N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
+    n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
+    eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid: one program per channel, which reads its channel twice (the second time from L2).
+    c = tl.program_id(0)
+    count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    var = m2 / count
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(Mean + c, mean)
+    tl.store(Rstd + c, rstd)
+    tl.store(Var + c, var)
+    scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+    for n0 in range(0, N, BLOCK_N):
+        for s0 in range(0, S, BLOCK_S):
+            _ncs_normalize_tile(X, Y, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
+                                mean, scale, shift, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+
+
+@triton.autotune(configs=configs("ncs_elementwise"), key=["s_chunk", "n_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(NCS_HEURISTICS)
+@triton.jit
+def _bn_fwd_normalize_ncs(
+    X, Y,  # [N, C, S] input and output
+    W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
+    StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
+    Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval): what backward needs, in ACC
+    N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
+    s_chunk,  # = S (named as in the stats kernel for the tile heuristic)
+    n_bucket,  # autotune key only: N rounded up to a power of two
+    eps,
+    FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid: C * cdiv(N, BLOCK_N) * cdiv(S, BLOCK_S) programs, one tile each.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_s = tl.cdiv(S, BLOCK_S)
+    c = pid // (tiles_n * tiles_s)
+    tile = pid % (tiles_n * tiles_s)
+    tile_n = tile // tiles_s
+    tile_s = tile % tiles_s
+    mean = tl.load(StatMean + c).to(ACC)
+    if FROM_RUNNING:
+        var = tl.load(StatVar + c).to(ACC)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        if tile == 0:
+            tl.store(Mean + c, mean)
+            tl.store(Rstd + c, rstd)
+            tl.store(Var + c, var)
+    else:
+        rstd = tl.load(StatRstd + c).to(ACC)
+    scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+    _ncs_normalize_tile(X, Y, c, tile_n * BLOCK_N, tile_s * BLOCK_S, N, S, stride_n, stride_c,
+                        y_stride_n, y_stride_c, mean, scale, shift, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+
+
+# ----------------------------------------------------------------------------------------------
+# rows layout: [M, C], C contiguous
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m,
+                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel of the block c over rows [m_begin, m_end)."""
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        if INT64_INDEX:
+            m = m.to(tl.int64)
+        mask = (m < m_end)[:, None] & c_mask[None, :]
+        x = tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC)
+        tile_count = tl.zeros([BLOCK_C], ACC) + tl.minimum(m_end - m0, BLOCK_M).to(ACC)
+        tile_mean = tl.sum(x, axis=0) / tile_count
+        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
+        count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
+    return count, mean, m2
+
+
+@triton.jit
+def _rows_normalize_tile(X, Y, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift,
+                         ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    m = m0 + tl.arange(0, BLOCK_M)
+    if INT64_INDEX:
+        m = m.to(tl.int64)
+    mask = (m < M)[:, None] & c_mask[None, :]
+    x = tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC)
+    y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
+    tl.store(Y + m[:, None] * y_stride_m + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(W + c, mask=c_mask, other=1.0).to(ACC)
+    shift = tl.zeros_like(scale)
+    if HAS_BIAS:
+        shift = tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+    return scale, shift
+
+
+@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(ROWS_HEURISTICS)
+@triton.jit
+def _bn_fwd_stats_rows(
+    X,  # [M, C] input, rows stride_m apart
+    PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC)
+    M, C, stride_m,
+    m_chunk, split_m,  # rows per program, programs per channel block
+    c_bucket,  # autotune key only: C rounded up to a power of two
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: cdiv(C, BLOCK_C) * split_m programs.
+    pid = tl.program_id(0)
+    c_block = pid // split_m
+    part = pid % split_m
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    m_begin = part * m_chunk
+    m_end = tl.minimum(m_begin + m_chunk, M)
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    offset = part * C + c
+    tl.store(PartCount + offset, count, mask=c_mask)
+    tl.store(PartMean + offset, mean, mask=c_mask)
+    tl.store(PartM2 + offset, m2, mask=c_mask)
+
+
+@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(ROWS_HEURISTICS)
+@triton.jit
+def _bn_fwd_fused_rows(
+    X, Y,  # [M, C] input and output
+    W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
+    Mean, Rstd, Var,  # [C] batch statistics out (ACC)
+    M, C, stride_m, y_stride_m,
+    m_chunk,  # = M (named as in the stats kernel for tuning)
+    c_bucket,
+    eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: one program per block of BLOCK_C channels, over all M rows, twice.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    var = m2 / count
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(Mean + c, mean, mask=c_mask)
+    tl.store(Rstd + c, rstd, mask=c_mask)
+    tl.store(Var + c, var, mask=c_mask)
+    scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+    for m0 in range(0, M, BLOCK_M):
+        _rows_normalize_tile(X, Y, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift,
+                             ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+
+
+@triton.autotune(configs=configs("rows_elementwise"), key=["m_bucket", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@triton.heuristics(ROWS_HEURISTICS)
+@triton.jit
+def _bn_fwd_normalize_rows(
+    X, Y,  # [M, C] input and output
+    W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
+    StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
+    Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval), in ACC
+    M, C, stride_m, y_stride_m,
+    m_bucket, c_bucket,  # autotune keys only
+    eps,
+    FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C) programs; neighbours share rows.
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    tile_m = pid // tiles_c
+    c = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean = tl.load(StatMean + c, mask=c_mask, other=0.0).to(ACC)
+    if FROM_RUNNING:
+        var = tl.load(StatVar + c, mask=c_mask, other=1.0).to(ACC)
+        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        if tile_m == 0:
+            tl.store(Mean + c, mean, mask=c_mask)
+            tl.store(Rstd + c, rstd, mask=c_mask)
+            tl.store(Var + c, var, mask=c_mask)
+    else:
+        rstd = tl.load(StatRstd + c, mask=c_mask, other=1.0).to(ACC)
+    scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
+    _rows_normalize_tile(X, Y, c, c_mask, tile_m * BLOCK_M, M, stride_m, y_stride_m, mean, scale, shift,
+                         ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+
+
+# ----------------------------------------------------------------------------------------------
+# combine partials (both layouts)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_fwd_combine(
+    PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC)
+    Mean, Rstd, Var,  # [C] out (ACC)
+    C, splits, eps,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: cdiv(C, BLOCK_C). Partials are merged in a fixed order: the same bits every run.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for part in range(0, splits):
+        offset = part * C + c
+        count, mean, m2 = chan_combine(
+            count, mean, m2,
+            tl.load(PartCount + offset, mask=c_mask, other=0.0),
+            tl.load(PartMean + offset, mask=c_mask, other=0.0),
+            tl.load(PartM2 + offset, mask=c_mask, other=0.0),
+        )
+    var = m2 / tl.maximum(count, 1.0)
+    tl.store(Mean + c, mean, mask=c_mask)
+    tl.store(Rstd + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
+    tl.store(Var + c, var, mask=c_mask)
+
+
+COMBINE_BLOCK_C = PER_CHANNEL_BLOCK

@@ -1,0 +1,38 @@
+"""Running-statistics update, on device, once per training forward.
+
+    factor       = momentum, or 1 / num_batches_tracked when momentum is None (cumulative
+                   average; the counter is read on device, so no host synchronisation)
+    running_mean = (1 - factor) * running_mean + factor * mean
+    running_var  = (1 - factor) * running_var  + factor * var * M / (M - 1)   (unbiased)
+
+This is the only kernel with an in-place side effect. It is never autotuned, so a tuner's
+trial runs can not apply the update twice.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bn_update_running_stats(
+    RunningMean, RunningVar,  # [C] updated in place, in their own dtype
+    Mean, Var,  # [C] batch mean and biased variance (ACC)
+    NumBatchesTracked,  # [] int64 counter, read when CUMULATIVE
+    C, momentum, bessel,  # bessel = M / (M - 1)
+    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # grid: cdiv(C, BLOCK_C).
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(NumBatchesTracked).to(ACC)
+    else:
+        factor = tl.zeros([], ACC) + momentum
+    running_mean = tl.load(RunningMean + c, mask=c_mask, other=0.0).to(ACC)
+    running_var = tl.load(RunningVar + c, mask=c_mask, other=0.0).to(ACC)
+    mean = tl.load(Mean + c, mask=c_mask, other=0.0)
+    var = tl.load(Var + c, mask=c_mask, other=0.0)
+    running_mean = factor * mean + (1.0 - factor) * running_mean
+    running_var = factor * (var * bessel) + (1.0 - factor) * running_var
+    tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
+    tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)

@@ -1,0 +1,53 @@
+"""Test set-up shared by the whole suite.
+
+The same tests run on CUDA when a GPU is present (that is the GPU CI) and otherwise on the
+CPU through Triton's interpreter. TRITON_INTERPRET is read when @triton.jit runs, so it is
+set here, before anything imports tritonbn.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import contextlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+import tritonbn  # noqa: E402
+from tritonbn import _launch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (dtype, atol, rtol) for outputs normalised to O(1). float32: a few ulps of reduction
+# error over up to ~1e5 elements. float16/bfloat16: the output's own rounding (2^-11 and
+# 2^-8 relative) dominates; torch itself rounds there too, so we allow about twice that.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float64: (1e-10, 1e-10),
+}
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+@contextlib.contextmanager
+def triton_ran(min_launches: int = 1):
+    """Fail unless tritonbn's kernels ran inside the block (no silent fallback to torch)."""
+    before = _launch.launch_count
+    yield
+    launched = _launch.launch_count - before
+    assert launched >= min_launches, f"expected tritonbn kernels to run, {launched} launches seen"
+
+
+@pytest.fixture(autouse=True)
+def _never_torch_native():
+    probe = torch.empty(0, device=DEVICE)
+    assert tritonbn.backend_for(probe) != "torch-native", "tests must exercise the Triton kernels"
+    yield

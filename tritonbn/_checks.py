@@ -1,0 +1,59 @@
+"""Argument checks, run before any state changes, raising the errors torch users know."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    # torch's own spelling in "not implemented for 'Long'"
+    return {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+            torch.uint8: "Byte", torch.bool: "Bool"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def verify_batch_size(size: torch.Size) -> None:
+    """torch's rule: training needs more than one value per channel."""
+    values_per_channel = size[0] * math.prod(size[2:])
+    if values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def check_batch_norm_args(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+) -> None:
+    """Raise for any argument torch's batch_norm would reject (and a few it would mishandle)."""
+    if input.dim() < 2:
+        raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_name(input.dtype)}'")
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_name(input.dtype)}'")
+    channels = input.shape[1]
+    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                         ("running_var", running_var)):
+        if tensor is None:
+            continue
+        if tensor.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        if tensor.device != input.device:
+            raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
+        if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
+            raise RuntimeError(
+                f"mixed dtype: expected {name} to have scalar type {input.dtype}"
+                f"{' or torch.float32' if input.dtype in _HALF_TYPES else ''}, got {tensor.dtype}"
+            )
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError("running_mean and running_var must be given together")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training:
+        verify_batch_size(input.shape)

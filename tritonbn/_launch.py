@@ -1,0 +1,272 @@
+"""Launchers: allocate outputs and statistics, pick the route and grid, call the kernels.
+
+Everything here is plain tensor bookkeeping: no value is read back from the device, so a
+training step stays CUDA-graph capturable. Sizes come from shapes, which the host knows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import backward as bwd_kernels
+from .kernels import configs as cfg
+from .kernels import forward as fwd_kernels
+from .kernels import running_stats as rs_kernels
+from ._layout import CanonicalView, canonical_input, like_layout
+
+# Number of Triton kernel launches so far. Tests read it to prove that the kernels ran (and
+# not a silent fallback to torch's own batch norm).
+launch_count = 0
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    global launch_count
+    launch_count += 1
+    kernel[grid](*args, **kwargs)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and sums are float32, or float64 for a float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return cfg.DEFAULT_SM_COUNT
+
+
+def _ncs_split(view: CanonicalView, device: torch.device) -> tuple[int, int, int, int]:
+    split_n, split_s = cfg.ncs_split(view.n, view.c, view.s, sm_count(device))
+    n_chunk = triton.cdiv(view.n, split_n)
+    s_chunk = triton.cdiv(view.s, split_s)
+    if split_s > 1:
+        s_chunk = triton.cdiv(s_chunk, cfg.SPATIAL_SPLIT_QUANTUM) * cfg.SPATIAL_SPLIT_QUANTUM
+    return split_n, split_s, n_chunk, s_chunk
+
+
+def _rows_split(view: CanonicalView, device: torch.device) -> tuple[int, int]:
+    split_m = cfg.rows_split(view.m, view.c, sm_count(device))
+    return split_m, triton.cdiv(view.m, split_m)
+
+
+def _common_meta(x: torch.Tensor, view: CanonicalView) -> dict:
+    return {"ACC": _tl_acc(x.dtype), "INT64_INDEX": view.max_offset > _INT32_LIMIT}
+
+
+def route(x: torch.Tensor) -> str:
+    """Which kernel route a training forward on x takes: 'ncs-fused', 'ncs-split', 'rows-fused'
+    or 'rows-split' (for tests and the perf report)."""
+    _, view = canonical_input(x)
+    if view.kind == "ncs":
+        split_n, split_s, _, _ = _ncs_split(view, x.device)
+        return "ncs-fused" if split_n * split_s == 1 else "ncs-split"
+    return "rows-fused" if _rows_split(view, x.device)[0] == 1 else "rows-split"
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+def forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y and the per-channel (mean, rstd, biased var) used, in the accumulation dtype.
+
+    training: batch statistics; otherwise the running ones.
+    """
+    x, view = canonical_input(x)
+    y = torch.empty_like(x)
+    acc = accumulation_dtype(x.dtype)
+    c = view.c
+    mean = torch.empty(c, dtype=acc, device=x.device)
+    rstd = torch.empty(c, dtype=acc, device=x.device)
+    var = torch.empty(c, dtype=acc, device=x.device)
+    if view.m == 0 or c == 0:
+        # Empty batch: an empty output and no statistics (torch leaves running stats alone).
+        return y, mean.zero_(), rstd.zero_(), var.zero_()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    meta = _common_meta(x, view)
+    w = weight if weight is not None else mean
+    b = bias if bias is not None else mean
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
+    if not training:
+        _normalize(x, y, view, w, b, running_mean.contiguous(), running_var.contiguous(), mean,
+                   mean, rstd, var, eps, from_running=True, meta={**meta, **flags})
+        return y, mean, rstd, var
+
+    if view.kind == "ncs":
+        split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
+        if split_n * split_s == 1:
+            _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, w, b, mean, rstd, var,
+                    view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
+                    view.n, view.s, eps, **flags, **meta)
+            return y, mean, rstd, var
+        splits = split_n * split_s
+        parts = torch.empty((3, splits, c), dtype=acc, device=x.device)
+        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2],
+                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
+    else:
+        split_m, m_chunk = _rows_split(view, x.device)
+        c_bucket = cfg.size_bucket(c)
+        if split_m == 1:
+            grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
+            _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, w, b, mean, rstd, var,
+                    view.m, c, view.stride_m, view.stride_m, view.m, c_bucket, eps, **flags, **meta)
+            return y, mean, rstd, var
+        splits = split_m
+        parts = torch.empty((3, splits, c), dtype=acc, device=x.device)
+        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
+        _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2],
+                view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
+
+    _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
+            parts[0], parts[1], parts[2], mean, rstd, var, c, splits, eps,
+            ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    _normalize(x, y, view, w, b, mean, var, rstd, mean, rstd, var, eps, from_running=False,
+               meta={**meta, **flags})
+    return y, mean, rstd, var
+
+
+def _normalize(x, y, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var, eps, from_running, meta):
+    if view.kind == "ncs":
+        grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
+        _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var,
+                view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
+                view.s, cfg.size_bucket(view.n), eps, FROM_RUNNING=from_running, **meta)
+    else:
+        grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
+        _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var,
+                view.m, view.c, view.stride_m, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c),
+                eps, FROM_RUNNING=from_running, **meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+def backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    training: bool,
+    param_grads: bool,
+    param_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); dweight and dbias are empty when param_grads is False."""
+    x, view = canonical_input(x)
+    dy = like_layout(dy, x)
+    dx = torch.empty_like(x)
+    c = view.c
+    size = c if (param_grads or training) else 0
+    dweight = torch.empty(size, dtype=param_dtype, device=x.device)
+    dbias = torch.empty(size, dtype=param_dtype, device=x.device)
+    if view.m == 0 or c == 0:
+        return dx, dweight.zero_(), dbias.zero_()
+    meta = _common_meta(x, view)
+    weight = weight.contiguous() if weight is not None else None
+    w = weight if weight is not None else mean
+    flags = {"TRAINING": training, "HAS_WEIGHT": weight is not None}
+    inv_count = 1.0 / view.m
+    acc = accumulation_dtype(x.dtype)
+
+    if not training and not param_grads:
+        _dx(x, dy, dx, view, w, mean, rstd, mean, rstd, inv_count, {**meta, **flags})
+        return dx, dweight, dbias
+
+    if view.kind == "ncs":
+        split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
+        if split_n * split_s == 1:
+            _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, w, mean, rstd, dweight, dbias,
+                    view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, **flags, **meta)
+            return dx, dweight, dbias
+        splits = split_n * split_s
+        parts = torch.empty((2, splits, c), dtype=acc, device=x.device)
+        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, mean, rstd, parts[0], parts[1],
+                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
+    else:
+        split_m, m_chunk = _rows_split(view, x.device)
+        c_bucket = cfg.size_bucket(c)
+        if split_m == 1:
+            grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
+            _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, w, mean, rstd, dweight, dbias,
+                    view.m, c, view.stride_m, view.m, c_bucket, inv_count, **flags, **meta)
+            return dx, dweight, dbias
+        splits = split_m
+        parts = torch.empty((2, splits, c), dtype=acc, device=x.device)
+        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
+        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, mean, rstd, parts[0], parts[1],
+                view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
+
+    sums = torch.empty((2, c), dtype=acc, device=x.device)
+    _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
+            parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    _dx(x, dy, dx, view, w, mean, rstd, sums[0], sums[1], inv_count, {**meta, **flags})
+    return dx, dweight, dbias
+
+
+def _dx(x, dy, dx, view, w, mean, rstd, sum_dy, sum_dy_xhat, inv_count, meta):
+    if view.kind == "ncs":
+        grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
+        _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, w, mean, rstd, sum_dy, sum_dy_xhat,
+                view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.size_bucket(view.n),
+                inv_count, **meta)
+    else:
+        grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
+        _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, w, mean, rstd, sum_dy, sum_dy_xhat,
+                view.m, view.c, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c), inv_count, **meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# running statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    momentum: float,
+    count: int,
+) -> None:
+    """In place: blend the batch statistics into the running ones (see the kernel's formula)."""
+    c = mean.numel()
+    if c == 0 or count == 0:
+        return
+    targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
+    _launch(rs_kernels._bn_update_running_stats, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
+            targets[0], targets[1], mean, var,
+            num_batches_tracked if num_batches_tracked is not None else mean,
+            c, float(momentum), count / max(count - 1, 1),
+            CUMULATIVE=num_batches_tracked is not None, ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    for target, original in zip(targets, (running_mean, running_var)):
+        if target is not original:
+            original.copy_(target)

@@ -1,0 +1,112 @@
+"""The torch.library ops: what autograd, torch.compile and CUDA graphs see.
+
+Three ops:
+
+* ``tritonbn::batch_norm_fwd`` (functional, differentiable): y and the statistics used;
+* ``tritonbn::batch_norm_bwd`` (functional): dx, dweight, dbias;
+* ``tritonbn::update_running_stats_`` (mutates the running buffers, not differentiable).
+
+The running-stat update is a separate op because ``custom_op`` refuses ``register_autograd``
+on an op that mutates an input; keeping the differentiable op pure also means autotuning
+and recomputation can never apply the update twice. Each op has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through without a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _launch
+from ._layout import canonical_input
+
+
+@torch.library.custom_op("tritonbn::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps)
+
+
+@batch_norm_fwd.register_fake
+def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, eps):
+    dense, _ = canonical_input(input)
+    stats = input.new_empty(input.shape[1], dtype=_launch.accumulation_dtype(input.dtype))
+    return torch.empty_like(dense), stats, torch.empty_like(stats), torch.empty_like(stats)
+
+
+@torch.library.custom_op("tritonbn::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    training: bool,
+    param_grads: bool,
+    param_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch.backward(grad_output, input, weight, mean, rstd, training, param_grads, param_dtype)
+
+
+@batch_norm_bwd.register_fake
+def _batch_norm_bwd_fake(grad_output, input, weight, mean, rstd, training, param_grads, param_dtype):
+    dense, _ = canonical_input(input)
+    size = input.shape[1] if (param_grads or training) else 0
+    grads = input.new_empty(size, dtype=param_dtype)
+    return torch.empty_like(dense), grads, torch.empty_like(grads)
+
+
+@torch.library.custom_op("tritonbn::update_running_stats_", mutates_args=("running_mean", "running_var"))
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float,
+    count: int,
+) -> None:
+    _launch.update_running_stats(running_mean, running_var, mean, var, num_batches_tracked, momentum, count)
+
+
+@update_running_stats_.register_fake
+def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches_tracked, momentum, count):
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, weight, bias, _, _, training, _ = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.training = training
+    param = weight if weight is not None else bias
+    ctx.param_dtype = param.dtype if param is not None else _launch.accumulation_dtype(input.dtype)
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
+    input, weight, mean, rstd = ctx.saved_tensors
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    if grad_output is None:
+        grad_output = torch.zeros_like(input)
+    grad_input, grad_weight, grad_bias = torch.ops.tritonbn.batch_norm_bwd(
+        grad_output, input, weight, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype
+    )
+    return (
+        grad_input if needs_input else None,
+        grad_weight if needs_weight else None,
+        grad_bias if needs_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

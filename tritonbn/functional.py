@@ -1,0 +1,96 @@
+"""Functional interface: ``tritonbn.functional.batch_norm``, torch's signature and semantics."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (registers the torch.ops.tritonbn ops)
+from ._checks import check_batch_norm_args
+from .backend import TORCH_NATIVE, backend_for
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    r"""Apply Batch Normalization for each channel across a batch of data.
+
+    A drop-in for :func:`torch.nn.functional.batch_norm`, computed by Triton kernels:
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training, mean and (biased) variance are the batch's, over every dimension but the
+    channel dimension 1, and ``running_mean`` / ``running_var`` (when given) are updated in
+    place with ``momentum`` and the unbiased variance. Otherwise the running statistics are
+    used.
+
+    Args:
+        input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float16,
+            bfloat16, float32 or float64; any memory format (channels_last is read in place).
+        running_mean, running_var: ``(C,)`` buffers, or ``None``.
+        weight, bias: ``(C,)`` affine parameters, or ``None``.
+        training: use batch statistics (and update the running ones).
+        momentum: the running-statistics blend factor.
+        eps: added to the variance for numerical stability.
+
+    Returns:
+        A tensor of the input's shape, dtype and memory format.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 32, 32, device="cuda")
+        >>> rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
+        >>> y = tritonbn.functional.batch_norm(x, rm, rv, training=True)
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+    checked: bool = False,
+) -> Tensor:
+    """batch_norm plus the module's cumulative-average mode.
+
+    With ``num_batches_tracked`` given (the module's ``momentum=None``), the blend factor is
+    ``1 / num_batches_tracked``, read on the device.
+    """
+    if not checked:
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
+        raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")
+    if backend_for(input) == TORCH_NATIVE:
+        if num_batches_tracked is not None:
+            momentum = 1.0 / float(num_batches_tracked)  # CPU only: no device to synchronise
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
+
+    if training:
+        output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(input, weight, bias, None, None, True, eps)
+        count = input.shape[0] * math.prod(input.shape[2:])
+        if running_mean is not None and count > 0:
+            torch.ops.tritonbn.update_running_stats_(
+                running_mean, running_var, mean, var, num_batches_tracked, 0.0 if momentum is None else momentum, count
+            )
+        return output
+    output, _, _, _ = torch.ops.tritonbn.batch_norm_fwd(input, weight, bias, running_mean, running_var, False, eps)
+    return output

@@ -1,0 +1,102 @@
+"""Drop-in modules: subclasses of torch's BatchNorm1d/2d/3d whose forward runs tritonbn.
+
+Same constructor, parameters, buffers and state_dict as torch's; only ``forward`` differs.
+The policy (which statistics, num_batches_tracked, momentum=None) is torch's, from
+``torch.nn.modules.batchnorm._BatchNorm.forward``; the arithmetic is ``tritonbn.functional``.
+Unlike torch, every argument is checked before ``num_batches_tracked`` is bumped, so a
+rejected call changes no state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_batch_norm_args
+from .functional import _batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _TritonBatchNormMixin:
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # Buffers are used when they exist and we are in eval, or when tracking in training.
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, bn_training)
+
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches_tracked = self.num_batches_tracked
+        return _batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True,
+        )
+
+
+class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):
+    r"""Batch Normalization over a 2D or 3D input, computed by Triton kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm1d` (same arguments, defaults, parameters,
+    buffers and state_dict):
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    Args:
+        num_features: C from an input of size ``(N, C)`` or ``(N, C, L)``.
+        eps: added to the denominator for numerical stability. Default: 1e-5
+        momentum: running-statistics factor; ``None`` for a cumulative average. Default: 0.1
+        affine: learnable ``weight`` and ``bias``. Default: ``True``
+        track_running_stats: keep running statistics (else batch statistics in eval too).
+            Default: ``True``
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, L)``
+        - Output: same shape, dtype and memory format as the input
+
+    Example::
+
+        >>> m = tritonbn.BatchNorm1d(100).cuda()
+        >>> y = m(torch.randn(20, 100, device="cuda"))
+    """
+
+
+class BatchNorm2d(_TritonBatchNormMixin, torch.nn.BatchNorm2d):
+    r"""Batch Normalization over a 4D input ``(N, C, H, W)``, computed by Triton kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm2d` (same arguments, defaults, parameters,
+    buffers and state_dict); see :class:`BatchNorm1d` for the formula and arguments.
+    channels_last inputs are read in place and give a channels_last output.
+
+    Shape:
+        - Input: ``(N, C, H, W)``
+        - Output: same shape, dtype and memory format as the input
+
+    Example::
+
+        >>> m = tritonbn.BatchNorm2d(64).cuda()
+        >>> y = m(torch.randn(8, 64, 56, 56, device="cuda"))
+    """
+
+
+class BatchNorm3d(_TritonBatchNormMixin, torch.nn.BatchNorm3d):
+    r"""Batch Normalization over a 5D input ``(N, C, D, H, W)``, computed by Triton kernels.
+
+    A drop-in for :class:`torch.nn.BatchNorm3d` (same arguments, defaults, parameters,
+    buffers and state_dict); see :class:`BatchNorm1d` for the formula and arguments.
+
+    Shape:
+        - Input: ``(N, C, D, H, W)``
+        - Output: same shape, dtype and memory format as the input
+
+    Example::
+
+        >>> m = tritonbn.BatchNorm3d(32).cuda()
+        >>> y = m(torch.randn(2, 32, 16, 64, 64, device="cuda"))
+    """
