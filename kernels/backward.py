@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import NCS_HEURISTICS, ROWS_HEURISTICS
-from .configs import AUTOTUNE_DISK_CACHE, configs
+from .configs import autotune
 
 # ----------------------------------------------------------------------------------------------
 # NCS layout: [N, C, S], S contiguous
@@ -77,7 +77,7 @@ def _dx_constants(W, c, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_WEIGHT: tl.con
     return dy_scale, dy_scale * sum_dy_xhat * inv_count, dy_scale * sum_dy * inv_count
 
 
-@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_reduce_ncs(
@@ -106,7 +106,7 @@ def _bn_bwd_reduce_ncs(
     tl.store(PartSumDyXhat + part * C + c, sum_dy_xhat)
 
 
-@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_fused_ncs(
@@ -135,7 +135,7 @@ def _bn_bwd_fused_ncs(
                          dy_shift, TRAINING, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
 
 
-@triton.autotune(configs=configs("ncs_elementwise"), key=["s_chunk", "n_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_dx_ncs(
@@ -216,7 +216,7 @@ def _rows_dx_constants(W, c, c_mask, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_W
     return dy_scale, dy_scale * sum_dy_xhat * inv_count, dy_scale * sum_dy * inv_count
 
 
-@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_reduce_rows(
@@ -243,7 +243,7 @@ def _bn_bwd_reduce_rows(
     tl.store(PartSumDyXhat + part * C + c, sum_dy_xhat, mask=c_mask)
 
 
-@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_fused_rows(
@@ -273,7 +273,7 @@ def _bn_bwd_fused_rows(
                       TRAINING, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
 
 
-@triton.autotune(configs=configs("rows_elementwise"), key=["m_bucket", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_dx_rows(

@@ -107,6 +107,15 @@ def all_configs(kind: str) -> list[triton.Config]:
     }[kind]
 
 
+def autotune(kind: str, key: list[str]):
+    """``triton.autotune`` over a family's configs, with tuned results cached on disk.
+
+    Only kernels without in-place side effects are tuned: a trial run rewrites the same
+    fresh outputs, never the running statistics.
+    """
+    return triton.autotune(configs=configs(kind), key=key, cache_results=AUTOTUNE_DISK_CACHE)
+
+
 def size_bucket(n: int) -> int:
     """Autotune key for a size: its next power of two, so nearby shapes share a tuned config."""
     return triton.next_power_of_2(max(int(n), 1))

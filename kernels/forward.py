@@ -31,8 +31,8 @@ Statistics are accumulated and stored in ACC (float32, or float64 for float64 in
 import triton
 import triton.language as tl
 
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine
-from .configs import AUTOTUNE_DISK_CACHE, PER_CHANNEL_BLOCK, configs
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, rsqrt_rn
+from .configs import PER_CHANNEL_BLOCK, autotune
 
 # ----------------------------------------------------------------------------------------------
 # NCS layout: [N, C, S], S contiguous
@@ -40,10 +40,10 @@ from .configs import AUTOTUNE_DISK_CACHE, PER_CHANNEL_BLOCK, configs
 
 
 @triton.jit
-def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(count, mean, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
+    """(count, mean - shift, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
     count = tl.zeros([], ACC)
     mean = tl.zeros([], ACC)
     m2 = tl.zeros([], ACC)
@@ -56,6 +56,7 @@ def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (n < n_end)[:, None] & (s < s_end)[None, :]
             x = tl.load(base + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC)
+            x = tl.where(mask, x - shift, 0.0)
             tile_count = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(s_end - s0, BLOCK_S)).to(ACC)
             tile_mean = tl.sum(x) / tile_count
             centred = tl.where(mask, x - tile_mean, 0.0)
@@ -92,12 +93,13 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
     return scale, shift
 
 
-@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
-    PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC)
+    PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC), mean shifted
+    Shift,  # [C] out: the shift K = x[0, c, 0] of each channel's partial means (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # batch rows and spatial elements per program
     split_n, split_s,
@@ -113,15 +115,18 @@ def _bn_fwd_stats_ncs(
     s_begin = (part % split_s) * s_chunk
     n_end = tl.minimum(n_begin + n_chunk, N)
     s_end = tl.minimum(s_begin + s_chunk, S)
-    count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+    shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
+    count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    if part == 0:
+        tl.store(Shift + c, shift)
     offset = part * C + c
     tl.store(PartCount + offset, count)
     tl.store(PartMean + offset, mean)
     tl.store(PartM2 + offset, m2)
 
 
-@triton.autotune(configs=configs("ncs_reduce"), key=["s_chunk", "n_chunk", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_fwd_fused_ncs(
@@ -137,9 +142,12 @@ def _bn_fwd_fused_ncs(
 ):
     # grid: one program per channel, which reads its channel twice (the second time from L2).
     c = tl.program_id(0)
-    count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
+    count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, shift,
+                                         ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    mean += shift
     var = m2 / count
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean)
     tl.store(Rstd + c, rstd)
     tl.store(Var + c, var)
@@ -150,7 +158,7 @@ def _bn_fwd_fused_ncs(
                                 mean, scale, shift, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
 
 
-@triton.autotune(configs=configs("ncs_elementwise"), key=["s_chunk", "n_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_fwd_normalize_ncs(
@@ -177,7 +185,7 @@ def _bn_fwd_normalize_ncs(
     mean = tl.load(StatMean + c).to(ACC)
     if FROM_RUNNING:
         var = tl.load(StatVar + c).to(ACC)
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        rstd = rsqrt_rn(var + eps, ACC)
         if tile == 0:
             tl.store(Mean + c, mean)
             tl.store(Rstd + c, rstd)
@@ -195,10 +203,10 @@ def _bn_fwd_normalize_ncs(
 
 
 @triton.jit
-def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m,
+def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
                         ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean, M2) per channel of the block c over rows [m_begin, m_end)."""
+    """(count, mean - shift, M2) per channel of the block c over rows [m_begin, m_end)."""
     count = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
@@ -208,6 +216,7 @@ def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m,
             m = m.to(tl.int64)
         mask = (m < m_end)[:, None] & c_mask[None, :]
         x = tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC)
+        x = tl.where(mask, x - shift[None, :], 0.0)
         tile_count = tl.zeros([BLOCK_C], ACC) + tl.minimum(m_end - m0, BLOCK_M).to(ACC)
         tile_mean = tl.sum(x, axis=0) / tile_count
         centred = tl.where(mask, x - tile_mean[None, :], 0.0)
@@ -239,12 +248,13 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
     return scale, shift
 
 
-@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
-    PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC)
+    PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC), mean shifted
+    Shift,  # [C] out: the shift K = x[0, c] of each channel's partial means (ACC)
     M, C, stride_m,
     m_chunk, split_m,  # rows per program, programs per channel block
     c_bucket,  # autotune key only: C rounded up to a power of two
@@ -259,14 +269,18 @@ def _bn_fwd_stats_rows(
     c_mask = c < C
     m_begin = part * m_chunk
     m_end = tl.minimum(m_begin + m_chunk, M)
-    count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    shift = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
+                                          ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    if part == 0:
+        tl.store(Shift + c, shift, mask=c_mask)
     offset = part * C + c
     tl.store(PartCount + offset, count, mask=c_mask)
     tl.store(PartMean + offset, mean, mask=c_mask)
     tl.store(PartM2 + offset, m2, mask=c_mask)
 
 
-@triton.autotune(configs=configs("rows_reduce"), key=["m_chunk", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_fwd_fused_rows(
@@ -284,9 +298,11 @@ def _bn_fwd_fused_rows(
     # grid: one program per block of BLOCK_C channels, over all M rows, twice.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    shift = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, shift, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    mean += shift
     var = m2 / count
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)
@@ -296,7 +312,7 @@ def _bn_fwd_fused_rows(
                              ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
 
 
-@triton.autotune(configs=configs("rows_elementwise"), key=["m_bucket", "c_bucket", "ACC"], cache_results=AUTOTUNE_DISK_CACHE)
+@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_fwd_normalize_rows(
@@ -320,7 +336,7 @@ def _bn_fwd_normalize_rows(
     mean = tl.load(StatMean + c, mask=c_mask, other=0.0).to(ACC)
     if FROM_RUNNING:
         var = tl.load(StatVar + c, mask=c_mask, other=1.0).to(ACC)
-        rstd = 1.0 / tl.sqrt_rn(var + eps)
+        rstd = rsqrt_rn(var + eps, ACC)
         if tile_m == 0:
             tl.store(Mean + c, mean, mask=c_mask)
             tl.store(Rstd + c, rstd, mask=c_mask)
@@ -339,7 +355,8 @@ def _bn_fwd_normalize_rows(
 
 @triton.jit
 def _bn_fwd_combine(
-    PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC)
+    PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC), mean shifted
+    Shift,  # [C] each channel's shift (ACC)
     Mean, Rstd, Var,  # [C] out (ACC)
     C, splits, eps,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -359,8 +376,9 @@ def _bn_fwd_combine(
             tl.load(PartM2 + offset, mask=c_mask, other=0.0),
         )
     var = m2 / tl.maximum(count, 1.0)
+    mean += tl.load(Shift + c, mask=c_mask, other=0.0)
     tl.store(Mean + c, mean, mask=c_mask)
-    tl.store(Rstd + c, 1.0 / tl.sqrt_rn(var + eps), mask=c_mask)
+    tl.store(Rstd + c, rsqrt_rn(var + eps, ACC), mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)
 
 

@@ -51,3 +51,11 @@ def _never_torch_native():
     probe = torch.empty(0, device=DEVICE)
     assert tritonbn.backend_for(probe) != "torch-native", "tests must exercise the Triton kernels"
     yield
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Fill every kernel output with NaN before the kernel runs: an unwritten element shows."""
+    _launch.poison_outputs = True
+    yield
+    _launch.poison_outputs = False

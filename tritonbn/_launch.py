@@ -12,17 +12,31 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import CanonicalView, canonical_input, like_layout
 from .kernels import backward as bwd_kernels
 from .kernels import configs as cfg
 from .kernels import forward as fwd_kernels
 from .kernels import running_stats as rs_kernels
-from ._layout import CanonicalView, canonical_input, like_layout
 
 # Number of Triton kernel launches so far. Tests read it to prove that the kernels ran (and
 # not a silent fallback to torch's own batch norm).
 launch_count = 0
 
+# When True, every buffer a kernel must write is filled with NaN first, so a test sees any
+# element that no program wrote. Tests only: it costs a memset per buffer.
+poison_outputs = False
+
 _INT32_LIMIT = 2**31 - 1
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if poison_outputs else out
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if poison_outputs else out
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
@@ -40,7 +54,7 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -98,12 +112,12 @@ def forward(
     training: batch statistics; otherwise the running ones.
     """
     x, view = canonical_input(x)
-    y = torch.empty_like(x)
+    y = _empty_like(x)
     acc = accumulation_dtype(x.dtype)
     c = view.c
-    mean = torch.empty(c, dtype=acc, device=x.device)
-    rstd = torch.empty(c, dtype=acc, device=x.device)
-    var = torch.empty(c, dtype=acc, device=x.device)
+    mean = _empty(c, acc, x.device)
+    rstd = _empty(c, acc, x.device)
+    var = _empty(c, acc, x.device)
     if view.m == 0 or c == 0:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
         return y, mean.zero_(), rstd.zero_(), var.zero_()
@@ -126,8 +140,9 @@ def forward(
                     view.n, view.s, eps, **flags, **meta)
             return y, mean, rstd, var
         splits = split_n * split_s
-        parts = torch.empty((3, splits, c), dtype=acc, device=x.device)
-        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2],
+        parts = _empty((3, splits, c), acc, x.device)
+        shift = _empty(c, acc, x.device)
+        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], shift,
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
     else:
         split_m, m_chunk = _rows_split(view, x.device)
@@ -138,13 +153,14 @@ def forward(
                     view.m, c, view.stride_m, view.stride_m, view.m, c_bucket, eps, **flags, **meta)
             return y, mean, rstd, var
         splits = split_m
-        parts = torch.empty((3, splits, c), dtype=acc, device=x.device)
+        parts = _empty((3, splits, c), acc, x.device)
+        shift = _empty(c, acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
-        _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2],
+        _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2], shift,
                 view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
 
     _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            parts[0], parts[1], parts[2], mean, rstd, var, c, splits, eps,
+            parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, eps,
             ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     _normalize(x, y, view, w, b, mean, var, rstd, mean, rstd, var, eps, from_running=False,
                meta={**meta, **flags})
@@ -182,11 +198,11 @@ def backward(
     """(dx, dweight, dbias); dweight and dbias are empty when param_grads is False."""
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
-    dx = torch.empty_like(x)
+    dx = _empty_like(x)
     c = view.c
     size = c if (param_grads or training) else 0
-    dweight = torch.empty(size, dtype=param_dtype, device=x.device)
-    dbias = torch.empty(size, dtype=param_dtype, device=x.device)
+    dweight = _empty(size, param_dtype, x.device)
+    dbias = _empty(size, param_dtype, x.device)
     if view.m == 0 or c == 0:
         return dx, dweight.zero_(), dbias.zero_()
     meta = _common_meta(x, view)
@@ -207,7 +223,7 @@ def backward(
                     view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, **flags, **meta)
             return dx, dweight, dbias
         splits = split_n * split_s
-        parts = torch.empty((2, splits, c), dtype=acc, device=x.device)
+        parts = _empty((2, splits, c), acc, x.device)
         _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, mean, rstd, parts[0], parts[1],
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
     else:
@@ -219,12 +235,12 @@ def backward(
                     view.m, c, view.stride_m, view.m, c_bucket, inv_count, **flags, **meta)
             return dx, dweight, dbias
         splits = split_m
-        parts = torch.empty((2, splits, c), dtype=acc, device=x.device)
+        parts = _empty((2, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
         _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, mean, rstd, parts[0], parts[1],
                 view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
 
-    sums = torch.empty((2, c), dtype=acc, device=x.device)
+    sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     _dx(x, dy, dx, view, w, mean, rstd, sums[0], sums[1], inv_count, {**meta, **flags})
