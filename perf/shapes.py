@@ -1,0 +1,111 @@
+"""The shape suites of the perf report.
+
+The GPU suite is what a BatchNorm user actually runs: every BatchNorm layer of ResNet-50
+(torchvision's v1.5, stride on the 3x3 conv) at batch 256, grouped into distinct shapes with
+the number of layers that share each one, so that a per-shape speedup can be weighted into
+a whole-network number. Around it: one very large activation, BatchNorm1d on 2D inputs, a
+3D UNet-style volume, and small batches where launch overhead and too few programs matter.
+
+The ResNet-50 shapes are derived from the architecture description rather than typed in, so
+a miscount (it is easy to forget that bn1 of a stage's first block runs at the *input*
+resolution) cannot slip in; ``resnet50_bn_layers`` asserts the known total of 53.
+
+The smoke suite is tiny: it runs through Triton's interpreter on a CPU to prove the report
+works end to end, and says nothing about performance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input shape of the suite.
+
+    name: short label for tables and plot axes; layers: how many layers of the source
+    network have this shape (1 for synthetic cases); group: which family it belongs to.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    layers: int = 1
+    group: str = "other"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def shape_str(self) -> str:
+        return "x".join(str(d) for d in self.shape)
+
+
+# torchvision resnet50: (blocks, width, stride of the stage's first block). Bottleneck
+# channels are width -> width -> width * EXPANSION; the stride sits on conv2 (v1.5).
+RESNET50_STAGES = ((3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2))
+EXPANSION = 4
+RESNET50_BN_LAYERS = 53
+
+
+def resnet50_bn_layers(batch: int = 256, image: int = 224) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """(module name, input shape) of every BatchNorm2d of torchvision's ResNet-50, in order."""
+    layers = []
+    res = image // 2  # conv1: 7x7, stride 2
+    layers.append(("bn1", (batch, 64, res, res)))
+    res //= 2  # maxpool: stride 2
+    in_channels = 64
+    for stage, (blocks, width, stage_stride) in enumerate(RESNET50_STAGES, start=1):
+        out_channels = width * EXPANSION
+        for block in range(blocks):
+            stride = stage_stride if block == 0 else 1
+            out_res = res // stride
+            prefix = f"layer{stage}.{block}"
+            # conv1 (1x1, stride 1) keeps the block's input resolution; conv2 (3x3) strides.
+            layers.append((f"{prefix}.bn1", (batch, width, res, res)))
+            layers.append((f"{prefix}.bn2", (batch, width, out_res, out_res)))
+            layers.append((f"{prefix}.bn3", (batch, out_channels, out_res, out_res)))
+            if stride != 1 or in_channels != out_channels:
+                layers.append((f"{prefix}.downsample.1", (batch, out_channels, out_res, out_res)))
+            in_channels = out_channels
+            res = out_res
+    assert len(layers) == RESNET50_BN_LAYERS, f"ResNet-50 has 53 BatchNorm layers, built {len(layers)}"
+    return layers
+
+
+def resnet50_cases(batch: int = 256) -> list[Case]:
+    """The distinct ResNet-50 BatchNorm shapes, in network order, with their layer counts."""
+    counts: dict[tuple[int, ...], int] = {}
+    for _, shape in resnet50_bn_layers(batch):
+        counts[shape] = counts.get(shape, 0) + 1
+    return [Case(f"rn50-{shape[1]}x{shape[2]}", shape, layers, "resnet50") for shape, layers in counts.items()]
+
+
+def gpu_suite() -> list[Case]:
+    """The full suite for a GPU report."""
+    return [
+        *resnet50_cases(256),
+        # One activation of 2^30 elements (4 GiB in float32): far past any cache, and the
+        # size where a kernel's 32-bit index arithmetic is closest to overflowing.
+        Case("big-64x64x512x512", (64, 64, 512, 512), 1, "large"),
+        Case("bn1d-4096x1024", (4096, 1024), 1, "bn1d"),
+        Case("bn1d-65536x256", (65536, 256), 1, "bn1d"),
+        Case("unet3d-32x64x128x128", (2, 32, 64, 128, 128), 1, "unet3d"),
+        # ResNet-50's most common shape (layer3 bn2, 11 of 53 layers) at tiny batches: few
+        # elements per channel, so launch overhead and occupancy dominate.
+        Case("rn50-256x14-n2", (2, 256, 14, 14), 1, "small-batch"),
+        Case("rn50-256x14-n8", (8, 256, 14, 14), 1, "small-batch"),
+    ]
+
+
+def smoke_suite() -> list[Case]:
+    """Tiny shapes for the CPU interpreter run: every rank, and both kernel routes."""
+    return [
+        Case("smoke-4x8x6x6", (4, 8, 6, 6), 1, "smoke"),
+        Case("smoke-16x12", (16, 12), 1, "smoke"),
+        Case("smoke-2x4x3x4x4", (2, 4, 3, 4, 4), 1, "smoke"),
+        # Just over 2 * 16384 elements per channel with 2 channels: the split route (partial
+        # statistics + combine) on both layouts, which the tiny shapes never take.
+        Case("smoke-split-1x2x128x260", (1, 2, 128, 260), 1, "smoke"),
+    ]
