@@ -1,0 +1,528 @@
+"""Bad input gets torch's kind of error and changes nothing; NaN and empty batches behave like torch.
+
+Every rejected call is checked three ways: the exception has torch's exact type (and torch's
+exact message where torch's message does not depend on the device), no tritonbn kernel was
+launched, and running_mean, running_var, num_batches_tracked, weight and bias are bit-identical
+afterwards. torch itself bumps ``num_batches_tracked`` before it validates the input; tritonbn
+promises not to, and these tests hold it to that.
+
+torch's reference errors are always produced on the CPU (its messages there are the canonical
+ones); tritonbn runs on ``DEVICE``. A device mismatch is a ``meta`` tensor on the CPU and a CPU
+tensor on CUDA.
+
+Tolerances: float32 outputs and running statistics against torch within ``TOLERANCES`` (1e-5);
+float16 within its ``TOLERANCES`` entry.
+
+Tests whose name starts with ``test_bug_`` fail on the current tritonbn: each documents a
+deviation from torch (see its docstring for the cause).
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, TOLERANCES, triton_ran
+
+import tritonbn
+from tritonbn import _launch
+
+OTHER_DEVICE = "meta" if DEVICE == "cpu" else "cpu"
+
+PAIRS = {
+    1: (torch.nn.BatchNorm1d, tritonbn.BatchNorm1d),
+    2: (torch.nn.BatchNorm2d, tritonbn.BatchNorm2d),
+    3: (torch.nn.BatchNorm3d, tritonbn.BatchNorm3d),
+}
+# A valid input shape for each module kind, with 3 channels.
+VALID_SHAPE = {1: (4, 3, 5), 2: (3, 3, 4, 5), 3: (2, 3, 3, 4, 2)}
+
+
+def _random_input(shape, dtype=torch.float32, device=DEVICE, memory_format=None):
+    """Per-channel means and scales far from 0 and 1, so that a wrong statistic shows."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    offsets = torch.randn(c, dtype=torch.float64) * 3.0
+    scales = torch.rand(c, dtype=torch.float64) * 2.0 + 0.5
+    x = (torch.randn(shape, dtype=torch.float64) * scales.view(view) + offsets.view(view)).to(device, dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+def _randomize(module):
+    with torch.no_grad():
+        if module.affine:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_()
+        if module.track_running_stats:
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(5)
+    return module
+
+
+def _pair(dims, num_features=3, **kwargs):
+    """torch's module on the CPU and tritonbn's on DEVICE, with the same random state."""
+    torch_cls, ours_cls = PAIRS[dims]
+    ref = _randomize(torch_cls(num_features, **kwargs))
+    ours = ours_cls(num_features, **kwargs).to(DEVICE)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _snapshot(*items):
+    """Clones of every parameter and buffer of the modules / of the tensors given (not meta ones)."""
+    tensors = []
+    for item in items:
+        if isinstance(item, torch.nn.Module):
+            tensors += [t for _, t in item.named_parameters()] + [t for _, t in item.named_buffers()]
+        elif item is not None:
+            tensors.append(item)
+    return [(t, t.detach().clone()) for t in tensors if t.device.type != "meta"]
+
+
+def _assert_unchanged(snapshot):
+    for tensor, before in snapshot:
+        assert tensor.dtype == before.dtype and tensor.shape == before.shape
+        # bit-identical, not merely equal: compare the bytes
+        assert torch.equal(tensor.detach().reshape(-1).view(torch.uint8), before.reshape(-1).view(torch.uint8)), (
+            f"state changed by a rejected call: {before} -> {tensor}"
+        )
+
+
+def _torch_error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+def _assert_rejected_like_torch(ours_fn, torch_fn, state, exact_message=True):
+    """ours_fn raises torch_fn's exception type (and message), launches nothing and changes no state."""
+    expected = _torch_error(torch_fn)
+    snapshot = _snapshot(*state)
+    launches = _launch.launch_count
+    with pytest.raises(Exception) as info:
+        ours_fn()
+    assert type(info.value) is type(expected), f"{type(info.value).__name__}: {info.value}; torch: {expected!r}"
+    if exact_message:
+        assert str(info.value) == str(expected)
+    assert _launch.launch_count == launches, "a rejected call must not launch a kernel"
+    _assert_unchanged(snapshot)
+    return info.value
+
+
+def _assert_close(actual, expected, dtype=torch.float32, **kwargs):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# input rank
+# ----------------------------------------------------------------------------------------------
+
+BAD_RANKS = [(1, (3,)), (1, (2, 3, 4, 4)), (2, (2, 3)), (2, (2, 3, 4)), (2, (2, 3, 2, 2, 2)),
+             (3, (2, 3, 4, 4)), (3, (2, 3, 2, 2, 2, 2))]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,shape", BAD_RANKS, ids=[f"BatchNorm{d}d-{len(s)}D" for d, s in BAD_RANKS])
+def test_wrong_rank_is_a_value_error_with_torchs_message(dims, shape, training):
+    ref, ours = _pair(dims)
+    ref.train(training)
+    ours.train(training)
+    x = _random_input(shape, device="cpu") if len(shape) > 1 else torch.randn(shape)
+    error = _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours])
+    assert isinstance(error, ValueError)
+    assert str(error).startswith("expected ") and f"(got {len(shape)}D input)" in str(error)
+
+
+# ----------------------------------------------------------------------------------------------
+# one value per channel
+# ----------------------------------------------------------------------------------------------
+
+ONE_VALUE = [(1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)), (3, (1, 3, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("dims,shape", ONE_VALUE, ids=[str(s) for _, s in ONE_VALUE])
+def test_training_with_one_value_per_channel_is_rejected(dims, shape):
+    ref, ours = _pair(dims)
+    x = _random_input(shape, device="cpu")
+    error = _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours])
+    assert str(error) == f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}"
+    # torch counted the rejected batch; tritonbn did not
+    assert int(ref.num_batches_tracked) == 6 and int(ours.num_batches_tracked) == 5
+    # the functional form is rejected the same way
+    _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), ours.running_mean, ours.running_var, training=True),
+        lambda: F.batch_norm(x, ref.running_mean.clone(), ref.running_var.clone(), training=True),
+        [ours],
+    )
+
+
+@pytest.mark.parametrize("dims,shape", ONE_VALUE, ids=[str(s) for _, s in ONE_VALUE])
+def test_one_value_per_channel_is_fine_in_eval(dims, shape):
+    ref, ours = _pair(dims)
+    ref.eval()
+    ours.eval()
+    x = _random_input(shape, device="cpu")
+    with triton_ran():
+        y = ours(x.to(DEVICE))
+    _assert_close(y, ref(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# channel count
+# ----------------------------------------------------------------------------------------------
+
+FLAGS = [(True, True), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine,track", FLAGS, ids=[f"affine={a}-track={t}" for a, t in FLAGS])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_wrong_channel_count_is_a_runtime_error_and_counts_nothing(dims, affine, track, training):
+    ref, ours = _pair(dims, affine=affine, track_running_stats=track)
+    ref.train(training)
+    ours.train(training)
+    shape = list(VALID_SHAPE[dims])
+    shape[1] = 4
+    x = _random_input(tuple(shape), device="cpu")
+    # torch's message names the first mismatching tensor; the order is tested separately below.
+    error = _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours], exact_message=False)
+    assert "should contain 4 elements not 3" in str(error)
+    if training and track:
+        assert int(ref.num_batches_tracked) == 6, "torch bumps num_batches_tracked before it checks"
+    assert ours.num_batches_tracked is None or int(ours.num_batches_tracked) == 5
+
+
+def test_bug_wrong_channel_count_message_names_running_mean_like_torch():
+    """BUG (tritonbn/_checks.py, check_batch_norm_args): the sizes are checked in the order
+    weight, bias, running_mean, running_var; torch checks running_mean, running_var, weight,
+    bias. A module fed the wrong channel count therefore says "weight should contain 4
+    elements not 3" where torch says "running_mean should contain 4 elements not 3".
+    Fix: iterate over (running_mean, running_var, weight, bias)."""
+    ref, ours = _pair(2)
+    x = _random_input((2, 4, 3, 3), device="cpu")
+    _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours])
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool], ids=str)
+def test_integer_input_is_not_implemented(dtype, training):
+    ref, ours = _pair(2)
+    ref.train(training)
+    ours.train(training)
+    x = torch.randint(0, 5, (2, 3, 3, 4)).to(dtype)
+    error = _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours])
+    assert isinstance(error, NotImplementedError)
+    rm, rv = ours.running_mean, ours.running_var
+    _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), rm, rv, ours.weight, ours.bias, training),
+        lambda: F.batch_norm(x, ref.running_mean.clone(), ref.running_var.clone(), ref.weight, ref.bias, training),
+        [ours],
+    )
+
+
+def test_bug_complex_input_message_spells_the_dtype_like_torch():
+    """BUG (tritonbn/_checks.py, _dtype_name): complex inputs are named 'complex64' where torch
+    says '"batch_norm" not implemented for 'ComplexFloat''. Fix: add ComplexHalf / ComplexFloat /
+    ComplexDouble (and any other non-float dtypes) to the spelling table."""
+    x = torch.randn(2, 3, 3, 3, dtype=torch.complex64)
+    _assert_rejected_like_torch(lambda: tritonbn.functional.batch_norm(x.to(DEVICE), None, None, training=True),
+                                lambda: F.batch_norm(x, None, None, training=True), [])
+
+
+# (input dtype, the dtype given to one parameter or buffer): combinations torch refuses.
+MIXED = [
+    (torch.float32, torch.float16, "weight"),
+    (torch.float32, torch.float16, "bias"),
+    (torch.float32, torch.float16, "running_mean"),
+    (torch.float32, torch.float64, "weight"),
+    (torch.float32, torch.float64, "running_var"),
+    (torch.float64, torch.float32, "weight"),
+    (torch.float16, torch.float64, "running_mean"),
+    (torch.bfloat16, torch.float16, "weight"),
+]
+
+
+def _functional_args(c, dtype, device):
+    return {
+        "running_mean": torch.randn(c, dtype=dtype, device=device),
+        "running_var": torch.rand(c, dtype=dtype, device=device) + 0.5,
+        "weight": torch.rand(c, dtype=dtype, device=device) + 0.5,
+        "bias": torch.randn(c, dtype=dtype, device=device),
+    }
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype,param_dtype,name", MIXED, ids=[f"{d}-{n}:{p}" for d, p, n in MIXED])
+def test_mixed_dtype_parameters_torch_refuses_are_refused(dtype, param_dtype, name, training):
+    x = _random_input((3, 3, 2, 4), dtype=dtype, device="cpu")
+    args = _functional_args(3, dtype if dtype == torch.float64 else torch.float32, "cpu")
+    args[name] = args[name].to(param_dtype)
+    ours_args = {k: v.to(DEVICE) for k, v in args.items()}
+    _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), training=training, **ours_args),
+        lambda: F.batch_norm(x, training=training, **{k: v.clone() for k, v in args.items()}),
+        list(ours_args.values()),
+        exact_message=False,  # torch's wording is device-specific ("mixed dtype (CPU): ...")
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_input_with_float32_parameters_is_allowed_like_torch(dtype):
+    x = _random_input((4, 3, 3, 5), dtype=dtype, device="cpu")
+    args = _functional_args(3, torch.float32, "cpu")
+    ours_args = {k: v.to(DEVICE) for k, v in args.items()}
+    expected = F.batch_norm(x.float(), training=True, **args)  # torch's float32 math, our output rounds once
+    with triton_ran():
+        y = tritonbn.functional.batch_norm(x.to(DEVICE), training=True, **ours_args)
+    assert y.dtype == dtype
+    _assert_close(y.float(), expected, dtype)
+    _assert_close(ours_args["running_mean"], args["running_mean"])
+    _assert_close(ours_args["running_var"], args["running_var"], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# device
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_tensor_on_another_device_is_refused(name, training):
+    x = _random_input((3, 3, 2, 4), device="cpu")
+    args = _functional_args(3, torch.float32, "cpu")
+    ref_args = dict(args, **{name: args[name].to("meta")})
+    ours_args = {k: v.to(OTHER_DEVICE if k == name else DEVICE) for k, v in args.items()}
+    _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), training=training, **ours_args),
+        lambda: F.batch_norm(x, training=training, **ref_args),
+        list(ours_args.values()),
+        exact_message=DEVICE == "cpu",
+    )
+
+
+@pytest.mark.parametrize("name", ["running_var", "bias"])
+def test_module_with_a_buffer_on_another_device_counts_nothing(name):
+    ref, ours = _pair(2)
+    with torch.no_grad():
+        setattr(ref, name, type(getattr(ref, name))(getattr(ref, name).to("meta")))
+        setattr(ours, name, type(getattr(ours, name))(getattr(ours, name).to(OTHER_DEVICE)))
+    x = _random_input((2, 3, 3, 4), device="cpu")
+    _assert_rejected_like_torch(lambda: ours(x.to(DEVICE)), lambda: ref(x), [ours], exact_message=DEVICE == "cpu")
+    assert int(ref.num_batches_tracked) == 6 and int(ours.num_batches_tracked) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# functional: sizes and missing statistics
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+@pytest.mark.parametrize("shape", [(3, 3, 2, 4), (5, 3)], ids=["NCHW", "NC"])
+def test_wrong_buffer_size_via_functional(shape, name, size, training):
+    x = _random_input(shape, device="cpu")
+    args = _functional_args(3, torch.float32, "cpu")
+    args[name] = torch.rand(size) + 0.5
+    ours_args = {k: v.to(DEVICE) for k, v in args.items()}
+    error = _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), training=training, **ours_args),
+        lambda: F.batch_norm(x, training=training, **{k: v.clone() for k, v in args.items()}),
+        list(ours_args.values()),
+    )
+    assert str(error) == f"{name} should contain 3 elements not {size}"
+
+
+def test_eval_without_running_stats_via_functional():
+    x = _random_input((3, 3, 2, 4), device="cpu")
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    ours_w, ours_b = w.to(DEVICE), b.to(DEVICE)
+    error = _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), None, None, ours_w, ours_b, training=False),
+        lambda: F.batch_norm(x, None, None, w, b, training=False),
+        [ours_w, ours_b],
+    )
+    assert isinstance(error, RuntimeError) and str(error) == "running_mean must be defined in evaluation mode"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_bug_only_one_running_statistic_is_refused_like_torch(missing, training):
+    """BUG (tritonbn/_checks.py, check_batch_norm_args): with exactly one of running_mean /
+    running_var given, torch raises ValueError("running_mean and running_var must either both be
+    None or neither be None") in training and RuntimeError("running_var must be defined in
+    evaluation mode") (or running_mean) in eval; tritonbn raises RuntimeError("running_mean and
+    running_var must be given together") in both. Fix: in training raise ValueError with torch's
+    message; in eval raise RuntimeError(f"{missing} must be defined in evaluation mode")."""
+    x = _random_input((3, 3, 2, 4), device="cpu")
+    args = _functional_args(3, torch.float32, "cpu")
+    args[missing] = None
+    ours_args = {k: (v.to(DEVICE) if v is not None else None) for k, v in args.items()}
+    _assert_rejected_like_torch(
+        lambda: tritonbn.functional.batch_norm(x.to(DEVICE), training=training, **ours_args),
+        lambda: F.batch_norm(x, training=training, **{k: (v.clone() if v is not None else None)
+                                                      for k, v in args.items()}),
+        [v for v in ours_args.values() if v is not None],
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN stays in its channel
+# ----------------------------------------------------------------------------------------------
+
+NAN_CASES = [((4, 5, 3, 4), None), ((4, 5, 3, 4), torch.channels_last), ((9, 5), None), ((3, 5, 2, 3, 2), None)]
+
+
+@pytest.mark.parametrize("shape,memory_format", NAN_CASES, ids=["NCHW", "channels_last", "NC", "NCDHW"])
+def test_nan_in_one_channel_stays_in_that_channel(shape, memory_format):
+    dims = {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
+    ref, ours = _pair(dims, num_features=shape[1])
+    ours.load_state_dict(ref.state_dict())
+    x = _random_input(shape, device="cpu", memory_format=memory_format)
+    bad = 2
+    index = (1, bad) + (0,) * (len(shape) - 2)
+    x[index] = float("nan")
+    others = [c for c in range(shape[1]) if c != bad]
+    x_ref = x.clone().requires_grad_(True)
+    x_ours = x.to(DEVICE).requires_grad_(True)
+    y_ref = ref(x_ref)
+    with triton_ran():
+        y_ours = ours(x_ours)
+    assert torch.isnan(y_ours[:, bad]).all() and torch.isnan(y_ref[:, bad]).all()
+    assert torch.isfinite(y_ours[:, others]).all()
+    _assert_close(y_ours[:, others], y_ref[:, others])
+    for name in ("running_mean", "running_var"):
+        ours_stat, ref_stat = getattr(ours, name), getattr(ref, name)
+        assert torch.isnan(ours_stat[bad]) and torch.isnan(ref_stat[bad])
+        assert torch.isfinite(ours_stat[others]).all()
+        _assert_close(ours_stat[others], ref_stat[others])
+    dy = torch.randn(shape)
+    y_ref.backward(dy)
+    with triton_ran():
+        y_ours.backward(dy.to(DEVICE))
+    assert torch.isfinite(x_ours.grad[:, others]).all()
+    _assert_close(x_ours.grad[:, others], x_ref.grad[:, others], atol=4e-5)
+    for name in ("weight", "bias"):
+        grad = getattr(ours, name).grad
+        assert torch.isfinite(grad[others]).all()
+        _assert_close(grad[others], getattr(ref, name).grad[others], atol=1e-4)
+    # eval is elementwise: exactly the NaN element is NaN
+    ref.eval()
+    ours.eval()
+    with triton_ran():
+        y_eval = ours(x.to(DEVICE))
+    assert torch.equal(torch.isnan(y_eval).cpu(), torch.isnan(x))
+    _assert_close(y_eval, ref(x), equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# empty batch
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _through_tritonbn(monkeypatch):
+    """Empty inputs launch no kernel, so triton_ran cannot prove the path: instead torch's native
+    batch norm is made to fail and tritonbn's launcher must be reached."""
+    calls = []
+
+    def _forbidden(*args, **kwargs):
+        raise AssertionError("torch's native batch norm ran")
+
+    def _spy(original):
+        def spy(*args, **kwargs):
+            calls.append(original.__name__)
+            return original(*args, **kwargs)
+        return spy
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "batch_norm", _forbidden)
+        patch.setattr(torch, "batch_norm", _forbidden)
+        patch.setattr(_launch, "forward", _spy(_launch.forward))
+        patch.setattr(_launch, "backward", _spy(_launch.backward))
+        yield calls
+
+
+EMPTY = [(1, (0, 3), None), (1, (0, 3, 5), None), (2, (0, 3, 4, 4), None), (2, (0, 3, 4, 4), torch.channels_last),
+         (3, (0, 3, 2, 3, 2), None)]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,shape,memory_format", EMPTY, ids=["NC", "NCL", "NCHW", "channels_last", "NCDHW"])
+def test_empty_batch_like_torch(dims, shape, memory_format, training, momentum, monkeypatch):
+    ref, ours = _pair(dims, momentum=momentum)
+    ref.train(training)
+    ours.train(training)
+    x = torch.randn(shape)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = ref(x_ref)
+    y_ref.sum().backward()
+    stats = _snapshot(ours.running_mean, ours.running_var)
+
+    x_ours = x.to(DEVICE).requires_grad_(True)
+    with _through_tritonbn(monkeypatch) as calls:
+        y = ours(x_ours)
+        y.sum().backward()
+    assert calls == ["forward", "backward"]
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert y.stride() == y_ref.stride()
+    # torch leaves the running statistics alone on an empty batch and still counts it
+    _assert_unchanged(stats)
+    assert torch.equal(ref.running_mean, ours.running_mean.cpu()) and torch.equal(ref.running_var,
+                                                                                 ours.running_var.cpu())
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == (6 if training else 5)
+    assert x_ours.grad.shape == shape
+    for name in ("weight", "bias"):
+        grad = getattr(ours, name).grad
+        assert torch.equal(grad.cpu(), torch.zeros(3)) and torch.equal(getattr(ref, name).grad, torch.zeros(3))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_via_functional(training, monkeypatch):
+    x = torch.randn(0, 3, 2, 2, device=DEVICE)
+    args = _functional_args(3, torch.float32, DEVICE)
+    snapshot = _snapshot(*args.values())
+    with _through_tritonbn(monkeypatch) as calls:
+        y = tritonbn.functional.batch_norm(x, training=training, **args)
+    assert calls == ["forward"]
+    assert y.shape == (0, 3, 2, 2)
+    _assert_unchanged(snapshot)
+
+
+ZERO_SPATIAL = [(1, (2, 3, 0)), (2, (2, 3, 0, 4)), (2, (2, 3, 4, 0))]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dims,shape", ZERO_SPATIAL, ids=[str(s) for _, s in ZERO_SPATIAL])
+def test_bug_zero_spatial_extent_is_an_empty_batch(dims, shape, training):
+    """BUG (tritonbn/_layout.py, _view_of / canonical_input): a contiguous input with N > 0 and an
+    empty spatial dimension, e.g. (2, 3, 0), has no canonical view (s == 0 is neither the NCS
+    case, s > 1, nor the rows or s == 1 cases), so canonical_input fails its assertion "a
+    contiguous tensor always has a canonical view". torch returns an empty output, leaves the
+    running statistics alone and counts the batch. Fix: return a trivial view (or have
+    _launch.forward / backward and the fake ops return early) whenever x.numel() == 0."""
+    ref, ours = _pair(dims)
+    ref.train(training)
+    ours.train(training)
+    x = torch.randn(shape)
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = ref(x_ref)
+    y_ref.sum().backward()
+    x_ours = x.to(DEVICE).requires_grad_(True)
+    y = ours(x_ours)
+    y.sum().backward()
+    assert y.shape == shape
+    _assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=0)
+    _assert_close(ours.running_var, ref.running_var, rtol=0, atol=0)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    assert torch.equal(ours.weight.grad.cpu(), torch.zeros(3))
