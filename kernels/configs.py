@@ -107,13 +107,39 @@ def all_configs(kind: str) -> list[triton.Config]:
     }[kind]
 
 
+def _elements_per_program(args: dict) -> int:
+    """Elements one program of a reduce kernel sees, or the whole tensor for elementwise ones."""
+    if "n_chunk" in args:
+        return args["n_chunk"] * args["s_chunk"]
+    if "m_chunk" in args:
+        return args["m_chunk"] * args["C"]
+    if "s_chunk" in args:
+        return args["N"] * args["S"]
+    return args["M"] * args["C"]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles far larger than the work they would cover: they only add tuning time.
+
+    A new shape then tunes in well under a second per kernel on small problems.
+    """
+    work = triton.next_power_of_2(max(_elements_per_program(named_args), 1))
+    kept = [config for config in configs if config.kwargs["TILE"] <= max(2 * work, 1024)]
+    return kept or configs[:1]
+
+
 def autotune(kind: str, key: list[str]):
     """``triton.autotune`` over a family's configs, with tuned results cached on disk.
 
     Only kernels without in-place side effects are tuned: a trial run rewrites the same
     fresh outputs, never the running statistics.
     """
-    return triton.autotune(configs=configs(kind), key=key, cache_results=AUTOTUNE_DISK_CACHE)
+    return triton.autotune(
+        configs=configs(kind),
+        key=key,
+        prune_configs_by={"early_config_prune": prune_configs},
+        cache_results=AUTOTUNE_DISK_CACHE,
+    )
 
 
 def size_bucket(n: int) -> int:

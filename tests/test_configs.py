@@ -1,0 +1,58 @@
+"""Launch configs and heuristics (kernels/configs.py): pure Python, no kernel runs."""
+
+import itertools
+
+import pytest
+import triton
+from conftest import DEVICE
+
+from tritonbn.kernels import configs as cfg
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="interpreter-only rule")
+def test_interpreter_uses_one_config():
+    for kind in ("ncs_reduce", "ncs_elementwise", "rows_reduce", "rows_elementwise"):
+        assert len(cfg.configs(kind)) == 1
+        assert len(cfg.all_configs(kind)) > 1
+
+
+def test_every_config_has_a_tile_that_fits_the_heuristics():
+    for kind in ("ncs_reduce", "ncs_elementwise", "rows_reduce", "rows_elementwise"):
+        for config in cfg.all_configs(kind):
+            tile = config.kwargs["TILE"]
+            assert tile & (tile - 1) == 0 and tile >= 32 * config.num_warps
+
+
+@pytest.mark.parametrize("n,c,s", [(256, 64, 112 * 112), (1, 1, 2**26), (2, 3, 150 * 150), (7, 5, 10007),
+                                   (256, 2048, 49), (3, 1, 33), (64, 64, 512 * 512)])
+def test_ncs_split_covers_every_element_once(n, c, s):
+    split_n, split_s = cfg.ncs_split(n, c, s, sm_count=132)
+    assert split_n >= 1 and split_s >= 1
+    n_chunk = triton.cdiv(n, split_n)
+    s_chunk = triton.cdiv(s, split_s)
+    if split_s > 1:
+        s_chunk = triton.cdiv(s_chunk, cfg.SPATIAL_SPLIT_QUANTUM) * cfg.SPATIAL_SPLIT_QUANTUM
+        assert s_chunk % cfg.SPATIAL_SPLIT_QUANTUM == 0  # aligned chunk starts
+    covered = 0
+    for pn, ps in itertools.product(range(split_n), range(split_s)):
+        rows = max(0, min(n, (pn + 1) * n_chunk) - pn * n_chunk)
+        cols = max(0, min(s, (ps + 1) * s_chunk) - ps * s_chunk)
+        assert rows > 0 and cols > 0, "no program may get an empty chunk"
+        covered += rows * cols
+    assert covered == n * s
+    if n * s >= 2**20 and c < 64:
+        assert split_n * split_s * c >= 132, "a few long channels must still fill the GPU"
+
+
+@pytest.mark.parametrize("m,c", [(40000, 3), (256 * 3136, 64), (12544, 2048), (10, 1000), (65536, 256)])
+def test_rows_split_has_no_empty_chunk(m, c):
+    split = cfg.rows_split(m, c, sm_count=132)
+    chunk = triton.cdiv(m, split)
+    assert (split - 1) * chunk < m
+
+
+def test_pruning_drops_tiles_larger_than_the_work():
+    small = cfg.prune_configs(cfg.all_configs("ncs_reduce"), {"n_chunk": 2, "s_chunk": 49})
+    assert [c.kwargs["TILE"] for c in small] == [1024]
+    large = cfg.prune_configs(cfg.all_configs("rows_elementwise"), {"M": 100000, "C": 256})
+    assert len(large) == len(cfg.all_configs("rows_elementwise"))
