@@ -5,6 +5,9 @@
     running_mean = (1 - factor) * running_mean + factor * mean
     running_var  = (1 - factor) * running_var  + factor * var * M / (M - 1)   (unbiased)
 
+M is the batch's element count per channel: a host number, or (SyncBatchNorm, where other
+processes' batch sizes are only known on the device) a per-channel device tensor.
+
 This is the only kernel with an in-place side effect. It is never autotuned, so a tuner's
 trial runs can not apply the update twice.
 """
@@ -18,8 +21,9 @@ def _bn_update_running_stats(
     RunningMean, RunningVar,  # [C] updated in place, in their own dtype
     Mean, Var,  # [C] batch mean and biased variance (ACC)
     NumBatchesTracked,  # [] int64 counter, read when CUMULATIVE
-    C, momentum, bessel,  # bessel = M / (M - 1)
-    CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    Count,  # [C] element counts (ACC), read when DEVICE_COUNT
+    C, momentum, bessel,  # bessel = M / (M - 1) when M is a host number
+    CUMULATIVE: tl.constexpr, DEVICE_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: cdiv(C, BLOCK_C).
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -33,6 +37,9 @@ def _bn_update_running_stats(
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     var = tl.load(Var + c, mask=c_mask, other=0.0)
     running_mean = factor * mean + (1.0 - factor) * running_mean
+    if DEVICE_COUNT:
+        count = tl.load(Count + c, mask=c_mask, other=2.0)
+        bessel = count / tl.maximum(count - 1.0, 1.0)
     running_var = factor * (var * bessel) + (1.0 - factor) * running_var
     tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
     tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)

@@ -113,58 +113,111 @@ def forward(
     """
     x, view = canonical_input(x)
     y = _empty_like(x)
-    acc = accumulation_dtype(x.dtype)
-    c = view.c
-    mean = _empty(c, acc, x.device)
-    rstd = _empty(c, acc, x.device)
-    var = _empty(c, acc, x.device)
-    if view.m == 0 or c == 0:
+    mean, rstd, var = _stat_vectors(x, view.c)
+    if view.m == 0 or view.c == 0:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
         return y, mean.zero_(), rstd.zero_(), var.zero_()
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
-    meta = _common_meta(x, view)
-    w = weight if weight is not None else mean
-    b = bias if bias is not None else mean
-    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
+    w, b, flags = _affine(weight, bias, mean)
+    meta = {**_common_meta(x, view), **flags}
     if not training:
         _normalize(x, y, view, w, b, running_mean.contiguous(), running_var.contiguous(), mean,
-                   mean, rstd, var, eps, from_running=True, meta={**meta, **flags})
-        return y, mean, rstd, var
+                   mean, rstd, var, eps, from_running=True, meta=meta)
+    elif not _fused_forward(x, y, view, w, b, mean, rstd, var, eps, meta):
+        _split_stats(x, view, mean, rstd, var, eps)
+        _normalize(x, y, view, w, b, mean, var, rstd, mean, rstd, var, eps, from_running=False, meta=meta)
+    return y, mean, rstd, var
 
+
+def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, rstd, biased var) of x, without normalising (SyncBatchNorm's local part)."""
+    x, view = canonical_input(x)
+    mean, rstd, var = _stat_vectors(x, view.c)
+    if view.m == 0 or view.c == 0:
+        return mean.zero_(), rstd.zero_(), var.zero_()
+    _split_stats(x, view, mean, rstd, var, eps)
+    return mean, rstd, var
+
+
+def combine_stats(
+    counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
+    parts, c = means.shape
+    mean, rstd, var = _stat_vectors(means, c)
+    shift = torch.zeros(c, dtype=means.dtype, device=means.device)
+    _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
+            counts.contiguous(), means.contiguous(), m2s.contiguous(), shift, mean, rstd, var, c, parts, eps,
+            ACC=_tl_acc(means.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    return mean, rstd, var
+
+
+def normalize(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
+    """y = (x - mean) * rstd * weight + bias with given per-channel statistics."""
+    x, view = canonical_input(x)
+    y = _empty_like(x)
+    if view.m == 0 or view.c == 0:
+        return y
+    w, b, flags = _affine(weight, bias, mean)
+    _normalize(x, y, view, w, b, mean, mean, rstd, mean, rstd, mean, 0.0, from_running=False,
+               meta={**_common_meta(x, view), **flags})
+    return y
+
+
+def _stat_vectors(like: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(like.dtype)
+    return _empty(c, acc, like.device), _empty(c, acc, like.device), _empty(c, acc, like.device)
+
+
+def _affine(weight, bias, dummy):
+    """Contiguous weight and bias, a dummy pointer for an absent one, and the HAS_* flags."""
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
+    return (weight if weight is not None else dummy), (bias if bias is not None else dummy), flags
+
+
+def _fused_forward(x, y, view, w, b, mean, rstd, var, eps, meta) -> bool:
+    """The one-launch route, when the split heuristic gives one program per channel block."""
+    c = view.c
+    if view.kind == "ncs":
+        split_n, split_s, _, _ = _ncs_split(view, x.device)
+        if split_n * split_s > 1:
+            return False
+        _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, w, b, mean, rstd, var,
+                view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
+                view.n, view.s, eps, **meta)
+        return True
+    if _rows_split(view, x.device)[0] > 1:
+        return False
+    grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
+    _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, w, b, mean, rstd, var,
+            view.m, c, view.stride_m, view.stride_m, view.m, cfg.size_bucket(c), eps, **meta)
+    return True
+
+
+def _split_stats(x, view, mean, rstd, var, eps) -> None:
+    """Partial (count, mean, M2) from many programs per channel, then their ordered combine."""
+    c = view.c
+    acc = accumulation_dtype(x.dtype)
+    meta = _common_meta(x, view)
+    shift = _empty(c, acc, x.device)
     if view.kind == "ncs":
         split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
-        if split_n * split_s == 1:
-            _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, w, b, mean, rstd, var,
-                    view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                    view.n, view.s, eps, **flags, **meta)
-            return y, mean, rstd, var
         splits = split_n * split_s
         parts = _empty((3, splits, c), acc, x.device)
-        shift = _empty(c, acc, x.device)
         _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], shift,
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
     else:
-        split_m, m_chunk = _rows_split(view, x.device)
-        c_bucket = cfg.size_bucket(c)
-        if split_m == 1:
-            grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-            _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, w, b, mean, rstd, var,
-                    view.m, c, view.stride_m, view.stride_m, view.m, c_bucket, eps, **flags, **meta)
-            return y, mean, rstd, var
-        splits = split_m
+        splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((3, splits, c), acc, x.device)
-        shift = _empty(c, acc, x.device)
-        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
+        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
         _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2], shift,
-                view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
-
+                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), **meta)
     _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, eps,
             ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
-    _normalize(x, y, view, w, b, mean, var, rstd, mean, rstd, var, eps, from_running=False,
-               meta={**meta, **flags})
-    return y, mean, rstd, var
 
 
 def _normalize(x, y, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var, eps, from_running, meta):
@@ -205,46 +258,87 @@ def backward(
     dbias = _empty(size, param_dtype, x.device)
     if view.m == 0 or c == 0:
         return dx, dweight.zero_(), dbias.zero_()
-    meta = _common_meta(x, view)
-    weight = weight.contiguous() if weight is not None else None
-    w = weight if weight is not None else mean
-    flags = {"TRAINING": training, "HAS_WEIGHT": weight is not None}
+    w, _, flags = _affine(weight, None, mean)
+    meta = {**_common_meta(x, view), "TRAINING": training, "HAS_WEIGHT": flags["HAS_WEIGHT"]}
     inv_count = 1.0 / view.m
-    acc = accumulation_dtype(x.dtype)
-
     if not training and not param_grads:
-        _dx(x, dy, dx, view, w, mean, rstd, mean, rstd, inv_count, {**meta, **flags})
-        return dx, dweight, dbias
+        _dx(x, dy, dx, view, w, mean, rstd, mean, rstd, inv_count, meta)
+    elif not _fused_backward(x, dy, dx, view, w, mean, rstd, dweight, dbias, inv_count, meta):
+        sums = _split_sums(x, dy, view, mean, rstd, dweight, dbias)
+        _dx(x, dy, dx, view, w, mean, rstd, sums[0], sums[1], inv_count, meta)
+    return dx, dweight, dbias
 
+
+def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """[2, C]: per-channel sum(dy) and sum(dy * xhat) (SyncBatchNorm's local part)."""
+    x, view = canonical_input(x)
+    dy = like_layout(dy, x)
+    acc = accumulation_dtype(x.dtype)
+    if view.m == 0 or view.c == 0:
+        return torch.zeros((2, view.c), dtype=acc, device=x.device)
+    scratch = _empty((2, view.c), acc, x.device)
+    return _split_sums(x, dy, view, mean, rstd, scratch[0], scratch[1])
+
+
+def dx_from_sums(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    mean_dy: torch.Tensor,
+    mean_dy_xhat: torch.Tensor,
+) -> torch.Tensor:
+    """Training dx from given per-channel means of dy and dy * xhat (over the global batch)."""
+    x, view = canonical_input(x)
+    dy = like_layout(dy, x)
+    dx = _empty_like(x)
+    if view.m == 0 or view.c == 0:
+        return dx
+    w, _, flags = _affine(weight, None, mean)
+    meta = {**_common_meta(x, view), "TRAINING": True, "HAS_WEIGHT": flags["HAS_WEIGHT"]}
+    _dx(x, dy, dx, view, w, mean, rstd, mean_dy.contiguous(), mean_dy_xhat.contiguous(), 1.0, meta)
+    return dx
+
+
+def _fused_backward(x, dy, dx, view, w, mean, rstd, dweight, dbias, inv_count, meta) -> bool:
+    c = view.c
+    if view.kind == "ncs":
+        split_n, split_s, _, _ = _ncs_split(view, x.device)
+        if split_n * split_s > 1:
+            return False
+        _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, w, mean, rstd, dweight, dbias,
+                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, **meta)
+        return True
+    if _rows_split(view, x.device)[0] > 1:
+        return False
+    grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
+    _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, w, mean, rstd, dweight, dbias,
+            view.m, c, view.stride_m, view.m, cfg.size_bucket(c), inv_count, **meta)
+    return True
+
+
+def _split_sums(x, dy, view, mean, rstd, dweight, dbias) -> torch.Tensor:
+    """Partial sums from many programs per channel, added in order; returns [2, C] (ACC)."""
+    c = view.c
+    acc = accumulation_dtype(x.dtype)
+    meta = _common_meta(x, view)
     if view.kind == "ncs":
         split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
-        if split_n * split_s == 1:
-            _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, w, mean, rstd, dweight, dbias,
-                    view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, **flags, **meta)
-            return dx, dweight, dbias
         splits = split_n * split_s
         parts = _empty((2, splits, c), acc, x.device)
         _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, mean, rstd, parts[0], parts[1],
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
     else:
-        split_m, m_chunk = _rows_split(view, x.device)
-        c_bucket = cfg.size_bucket(c)
-        if split_m == 1:
-            grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-            _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, w, mean, rstd, dweight, dbias,
-                    view.m, c, view.stride_m, view.m, c_bucket, inv_count, **flags, **meta)
-            return dx, dweight, dbias
-        splits = split_m
+        splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((2, splits, c), acc, x.device)
-        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * split_m,)
+        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
         _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, mean, rstd, parts[0], parts[1],
-                view.m, c, view.stride_m, m_chunk, split_m, c_bucket, **meta)
-
+                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), **meta)
     sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
-    _dx(x, dy, dx, view, w, mean, rstd, sums[0], sums[1], inv_count, {**meta, **flags})
-    return dx, dweight, dbias
+    return sums
 
 
 def _dx(x, dy, dx, view, w, mean, rstd, sum_dy, sum_dy_xhat, inv_count, meta):
@@ -272,17 +366,24 @@ def update_running_stats(
     num_batches_tracked: torch.Tensor | None,
     momentum: float,
     count: int,
+    device_count: torch.Tensor | None = None,
 ) -> None:
-    """In place: blend the batch statistics into the running ones (see the kernel's formula)."""
+    """In place: blend the batch statistics into the running ones (see the kernel's formula).
+
+    ``device_count`` ([C], on the device) replaces the host ``count`` when only the device
+    knows it (SyncBatchNorm).
+    """
     c = mean.numel()
-    if c == 0 or count == 0:
+    if c == 0 or (count == 0 and device_count is None):
         return
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
     _launch(rs_kernels._bn_update_running_stats, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             targets[0], targets[1], mean, var,
             num_batches_tracked if num_batches_tracked is not None else mean,
+            device_count if device_count is not None else mean,
             c, float(momentum), count / max(count - 1, 1),
-            CUMULATIVE=num_batches_tracked is not None, ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+            CUMULATIVE=num_batches_tracked is not None, DEVICE_COUNT=device_count is not None,
+            ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     for target, original in zip(targets, (running_mean, running_var)):
         if target is not original:
             original.copy_(target)

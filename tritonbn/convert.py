@@ -23,6 +23,11 @@ def _converted(module: torch.nn.Module) -> torch.nn.Module:
         module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
         device="meta",
     )
+    return move_state(module, new)
+
+
+def move_state(module: torch.nn.Module, new: torch.nn.Module) -> torch.nn.Module:
+    """Give ``new`` (built on the meta device) ``module``'s parameters, buffers and mode."""
     # The same Parameter and buffer objects, so an optimizer built before the conversion
     # still updates the model, and device, dtype and requires_grad come along unchanged.
     if module.affine:
@@ -37,8 +42,11 @@ def _converted(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def convert_model(module: torch.nn.Module) -> torch.nn.Module:
+def convert_model(module: torch.nn.Module, sync: bool = False, process_group=None) -> torch.nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` by tritonbn's, in place.
+
+    With ``sync=True``, every torch BatchNorm*d or SyncBatchNorm becomes a
+    :class:`tritonbn.SyncBatchNorm` over ``process_group`` instead.
 
     Parameters and buffers (running statistics, ``num_batches_tracked``) are moved over as
     the same objects, keeping values, ``requires_grad``, device and dtype; the training flag
@@ -47,6 +55,8 @@ def convert_model(module: torch.nn.Module) -> torch.nn.Module:
 
     Args:
         module: a model, at any depth of nesting; may itself be a BatchNorm.
+        sync: convert to :class:`tritonbn.SyncBatchNorm`.
+        process_group: with ``sync``, the group to synchronise over (default group if None).
 
     Returns:
         ``module`` converted in place, or the new module when ``module`` itself is a
@@ -57,6 +67,10 @@ def convert_model(module: torch.nn.Module) -> torch.nn.Module:
         >>> model = torchvision.models.resnet50().cuda()
         >>> model = tritonbn.convert_model(model)
     """
+    if sync:
+        from .sync import SyncBatchNorm
+
+        return SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     converted = _converted(module)
     if converted is not module:
         return converted

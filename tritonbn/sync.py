@@ -1,0 +1,155 @@
+"""SyncBatchNorm: batch statistics across processes, on torch.distributed.
+
+Forward, per step and layer:
+
+1. Triton computes this process's per-channel (count, mean, M2) (``_launch.batch_stats``).
+2. ONE collective: ``all_gather`` of the packed [2C + 1] partials (mean, M2, count) into
+   [world, 2C + 1], the same volume as torch's SyncBatchNorm (mean, invstd, count).
+   Not an ``all_reduce`` of sums: summed (count, sum x, sum x^2) would bring back the
+   E[x^2] - E[x]^2 cancellation that the kernels avoid, while gathered (count, mean, M2)
+   are merged by Chan's formula, stable for any mean. Each process receives
+   world * (2C + 1) float32 values: 16 KB per layer for C = 256 on 8 processes.
+3. A Triton kernel merges the partials in rank order (deterministic), then the normalise
+   kernel writes y. Processes may hold different batch sizes, including zero.
+4. Running statistics use the global count, which only the device knows: no host sync.
+
+Backward: local sum(dy) and sum(dy * xhat) by Triton, ONE ``all_reduce`` of the [2, C]
+sums, then the Triton dx kernel with the global means. dgamma and dbeta are the local
+sums, exactly as in torch (DistributedDataParallel averages them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _launch
+from ._checks import check_batch_norm_args
+from .backend import TORCH_NATIVE, backend_for
+from .convert import move_state
+from .functional import _batch_norm
+
+__all__ = ["SyncBatchNorm"]
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, num_batches_tracked,
+                process_group, world_size):
+        count = input.shape[0] * math.prod(input.shape[2:])
+        mean, _, var = _launch.batch_stats(input, eps)
+        channels = mean.numel()
+        local = torch.cat([mean, var * count, mean.new_full((1,), count)])
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=process_group)
+        parts = torch.stack(gathered)  # [world, 2C + 1]
+        counts = parts[:, 2 * channels:].expand(world_size, channels)
+        mean, rstd, var = _launch.combine_stats(counts, parts[:, :channels], parts[:, channels:2 * channels], eps)
+        global_count = counts.sum(dim=0)
+        output = _launch.normalize(input, weight, bias, mean, rstd)
+        if running_mean is not None:
+            _launch.update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
+                                         0.0 if momentum is None else momentum, count, device_count=global_count)
+        ctx.save_for_backward(input, weight, mean, rstd, global_count)
+        ctx.process_group = process_group
+        ctx.has_bias = bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, mean, rstd, global_count = ctx.saved_tensors
+        sums = _launch.grad_sums(grad_output, input, mean, rstd)  # [2, C]: sum dy, sum dy * xhat
+        grad_weight = sums[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sums[0].to(weight.dtype if weight is not None else sums.dtype) if ctx.has_bias else None
+        global_sums = sums.clone()
+        dist.all_reduce(global_sums, group=ctx.process_group)
+        global_means = global_sums / global_count.clamp(min=1.0)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = _launch.dx_from_sums(grad_output, input, weight, mean, rstd, global_means[0], global_means[1])
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    r"""Batch Normalization with statistics synchronised across processes, in Triton.
+
+    A drop-in for :class:`torch.nn.SyncBatchNorm` (same arguments and state_dict). In
+    training, with an initialised process group of more than one process, mean and variance
+    are over the whole distributed batch; otherwise (no process group, world size 1, eval)
+    it behaves as :class:`tritonbn.BatchNorm2d` (torch's rule). One ``all_gather`` of
+    [2C + 1] per-process statistics crosses the network in forward, one ``all_reduce`` of
+    [2, C] sums in backward: the same volume as torch's SyncBatchNorm.
+
+    Args:
+        num_features: C from an input of size ``(N, C, +)``.
+        eps, momentum, affine, track_running_stats: as in :class:`torch.nn.BatchNorm2d`.
+        process_group: the group to synchronise over; the default group when ``None``.
+
+    Shape:
+        - Input: ``(N, C, +)``
+        - Output: same shape, dtype and memory format as the input
+
+    Example::
+
+        >>> # under torchrun, after dist.init_process_group("nccl")
+        >>> model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+
+        process_group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized()
+                                               else None)
+        world_size = 1
+        if bn_training and self.training and process_group is not None:
+            world_size = dist.get_world_size(process_group)
+        need_sync = world_size > 1 and backend_for(input) != TORCH_NATIVE
+        # Synchronised statistics have no one-value rule: other processes add values.
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
+                              bn_training and not need_sync)
+
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                num_batches_tracked = self.num_batches_tracked
+        if not need_sync:
+            if world_size > 1:
+                # CPU without the interpreter: torch's own SyncBatchNorm does the work.
+                return super().forward(input)
+            return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                               self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True)
+        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                            self.momentum, num_batches_tracked, process_group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm*d (torch's or tritonbn's) and torch SyncBatchNorm in ``module``.
+
+        Parameters and buffers move over as the same objects; requires_grad, device, dtype and
+        the training flag are kept, as in :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+
+        Args:
+            module: the model (any depth; may itself be a BatchNorm).
+            process_group: the group to synchronise over; the default group when ``None``.
+
+        Returns:
+            ``module`` converted in place, or the new module when ``module`` is a BatchNorm.
+        """
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group, device="meta")
+            return move_state(module, new)
+        for name, child in module.named_children():
+            new_child = cls.convert_sync_batchnorm(child, process_group)
+            if new_child is not child:
+                module.add_module(name, new_child)
+        return module
