@@ -1,12 +1,15 @@
-"""BatchNorm backward kernels: dgamma, dbeta and dx.
+"""BatchNorm backward kernels: dgamma, dbeta, dx (and the residual's gradient when fused).
 
-With xhat = (x - mean_c) * rstd_c, over the M elements of channel c:
+With xhat = (x - mean_c) * rstd_c over the M elements of channel c, and dz the gradient
+reaching the BatchNorm output (dz = dy, or dy * act'(z) with z = xhat * w + b + residual
+when an activation is fused; z is recomputed here, never stored):
 
-    dbeta_c  = sum dy
-    dgamma_c = sum dy * xhat
-    dx       = w_c * rstd_c * (dy - dbeta_c / M - xhat * dgamma_c / M)     (training)
-    dx       = w_c * rstd_c * dy                                            (eval: running stats
-                                                                             are constants)
+    dbeta_c     = sum dz
+    dgamma_c    = sum dz * xhat
+    dx          = w_c * rstd_c * (dz - dbeta_c / M - xhat * dgamma_c / M)   (training)
+    dx          = w_c * rstd_c * dz                                          (eval: running stats
+                                                                              are constants)
+    dresidual   = dz
 
 mean and rstd are the forward's saved statistics: the batch's in training, the running
 ones in eval. Layouts (NCS and rows) and routes (fused or split) mirror kernels/forward.py:
@@ -17,8 +20,55 @@ so gradients are deterministic without atomics.
 import triton
 import triton.language as tl
 
+from .activation import activation_grad
 from .common import NCS_HEURISTICS, ROWS_HEURISTICS
 from .configs import autotune
+
+
+@triton.jit
+def _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
+                   HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    """x and dz at offset. Masked lanes give dy = 0, hence dz = 0: they add to no sum."""
+    x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
+    dz = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
+    if ACTIVATION != 0:
+        z = (x - mean) * rstd * w + b
+        if HAS_RESIDUAL:
+            z += tl.load(R + offset, mask=mask, other=0.0).to(ACC)
+        dz = activation_grad(z, dz, slope, ACTIVATION)
+    return x, dz
+
+
+@triton.jit
+def _channel_affine(W, B, c, c_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
+    """(w_c, b_c), 1 and 0 when absent; c is a scalar (NCS) or a block of channels (rows)."""
+    b = (c * 0).to(ACC)
+    w = b + 1.0
+    if HAS_WEIGHT:
+        w = tl.load(W + c, mask=c_mask, other=1.0).to(ACC)
+    if HAS_BIAS:
+        b = tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+    return w, b
+
+
+@triton.jit
+def _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift,
+                      TRAINING: tl.constexpr, WRITE_DR: tl.constexpr):
+    """dx = dz_scale * dz - xhat_scale * xhat - dz_shift (training) or dz_scale * dz (eval)."""
+    dx = dz * dz_scale
+    if TRAINING:
+        dx = dx - ((x - mean) * rstd) * xhat_scale - dz_shift
+    tl.store(DX + offset, dx.to(DX.dtype.element_ty), mask=mask)
+    if WRITE_DR:
+        tl.store(DR + offset, dz.to(DR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count):
+    """Per-channel constants of dx = a * dz - b * xhat - d, with a = w * rstd."""
+    dz_scale = w * rstd
+    return dz_scale, dz_scale * sum_dz_xhat * inv_count, dz_scale * sum_dz * inv_count
+
 
 # ----------------------------------------------------------------------------------------------
 # NCS layout: [N, C, S], S contiguous
@@ -26,66 +76,44 @@ from .configs import autotune
 
 
 @triton.jit
-def _ncs_channel_sums(X, DY, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd,
-                      ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(sum dy, sum dy * xhat) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
-    sum_dy = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    offset_c = c.to(tl.int64) * stride_c
-    for n0 in range(n_begin, n_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        if INT64_INDEX:
-            n = n.to(tl.int64)
-        for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = (n < n_end)[:, None] & (s < s_end)[None, :]
-            offset = offset_c + n[:, None] * stride_n + s[None, :]
-            x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
-            # Masked lanes have dy = 0, so they add nothing to either sum.
-            sum_dy += dy
-            sum_dy_xhat += dy * (x - mean)
-    return tl.sum(sum_dy), tl.sum(sum_dy_xhat) * rstd
-
-
-@triton.jit
-def _ncs_dx_tile(X, DY, DX, c, n0, s0, N, S, stride_n, stride_c, mean, rstd, dy_scale, xhat_scale, dy_shift,
-                 TRAINING: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """dx = dy_scale * dy - xhat_scale * xhat - dy_shift (training) or dy_scale * dy (eval)."""
+def _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c,
+                 INT64_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     n = n0 + tl.arange(0, BLOCK_N)
     if INT64_INDEX:
         n = n.to(tl.int64)
     s = s0 + tl.arange(0, BLOCK_S)
-    mask = (n < N)[:, None] & (s < S)[None, :]
-    offset = c.to(tl.int64) * stride_c + n[:, None] * stride_n + s[None, :]
-    dy = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
-    dx = dy * dy_scale
-    if TRAINING:
-        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-        dx = dx - ((x - mean) * rstd) * xhat_scale - dy_shift
-    tl.store(DX + offset, dx.to(DX.dtype.element_ty), mask=mask)
+    mask = (n < n_end)[:, None] & (s < s_end)[None, :]
+    return c.to(tl.int64) * stride_c + n[:, None] * stride_n + s[None, :], mask
 
 
 @triton.jit
-def _dx_constants(W, c, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel constants of dx = a * dy - b * xhat - d, with a = w * rstd."""
-    dy_scale = rstd
-    if HAS_WEIGHT:
-        dy_scale = dy_scale * tl.load(W + c).to(ACC)
-    return dy_scale, dy_scale * sum_dy_xhat * inv_count, dy_scale * sum_dy * inv_count
+def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd, w, b, slope,
+                      HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                      ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(sum dz, sum dz * xhat) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
+    sum_dz = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        for s0 in range(s_begin, s_end, BLOCK_S):
+            offset, mask = _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
+            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+            sum_dz += dz
+            sum_dz_xmu += dz * (x - mean)
+    return tl.sum(sum_dz), tl.sum(sum_dz_xmu) * rstd
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_reduce_ncs(
-    X, DY,  # [N, C, S] input and output gradient, same strides
-    Mean, Rstd,  # [C] saved statistics (ACC)
+    X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
+    W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     PartSumDy, PartSumDyXhat,  # [split_n * split_s, C] partial sums (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, split_n, split_s,
+    slope,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -98,25 +126,27 @@ def _bn_bwd_reduce_ncs(
     s_begin = (part % split_s) * s_chunk
     n_end = tl.minimum(n_begin + n_chunk, N)
     s_end = tl.minimum(s_begin + s_chunk, S)
-    mean = tl.load(Mean + c)
-    rstd = tl.load(Rstd + c)
-    sum_dy, sum_dy_xhat = _ncs_channel_sums(X, DY, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
-                                            mean, rstd, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
-    tl.store(PartSumDy + part * C + c, sum_dy)
-    tl.store(PartSumDyXhat + part * C + c, sum_dy_xhat)
+    w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz, sum_dz_xhat = _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+                                            tl.load(Mean + c), tl.load(Rstd + c), w, b, slope,
+                                            HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    tl.store(PartSumDy + part * C + c, sum_dz)
+    tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat)
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
+@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_fused_ncs(
-    X, DY, DX,  # [N, C, S], same strides
-    W, Mean, Rstd,  # [C] weight (when HAS_WEIGHT) and saved statistics (ACC)
+    X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
+    W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # = N, S (named as in the reduce kernel for tuning)
     inv_count,  # 1 / (N * S)
-    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    slope,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -124,28 +154,32 @@ def _bn_bwd_fused_ncs(
     c = tl.program_id(0)
     mean = tl.load(Mean + c)
     rstd = tl.load(Rstd + c)
-    sum_dy, sum_dy_xhat = _ncs_channel_sums(X, DY, c, 0, N, 0, S, stride_n, stride_c, mean, rstd,
-                                            ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
-    tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty))
-    tl.store(DB + c, sum_dy.to(DB.dtype.element_ty))
-    dy_scale, xhat_scale, dy_shift = _dx_constants(W, c, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_WEIGHT, ACC)
+    w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz, sum_dz_xhat = _ncs_channel_sums(X, DY, R, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b, slope,
+                                            HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty))
+    tl.store(DB + c, sum_dz.to(DB.dtype.element_ty))
+    dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
-            _ncs_dx_tile(X, DY, DX, c, n0, s0, N, S, stride_n, stride_c, mean, rstd, dy_scale, xhat_scale,
-                         dy_shift, TRAINING, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+            offset, mask = _ncs_offsets(c, n0, s0, N, S, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
+            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+            _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift,
+                              TRAINING, WRITE_DR)
 
 
-@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC"])
+@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit
 def _bn_bwd_dx_ncs(
-    X, DY, DX,  # [N, C, S], same strides
-    W, Mean, Rstd,  # [C] weight (when HAS_WEIGHT) and saved statistics (ACC)
-    SumDy, SumDyXhat,  # [C] combined sums (ACC), read when TRAINING
+    X, DY, DX, R, DR,  # [N, C, S], same strides
+    W, B, Mean, Rstd,  # [C]
+    SumDy, SumDyXhat,  # [C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
     s_chunk, n_bucket,  # s_chunk = S; n_bucket: autotune key only
-    inv_count,
-    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    inv_count, slope,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -157,14 +191,17 @@ def _bn_bwd_dx_ncs(
     tile = pid % (tiles_n * tiles_s)
     mean = tl.load(Mean + c)
     rstd = tl.load(Rstd + c)
-    sum_dy = tl.zeros_like(rstd)
-    sum_dy_xhat = tl.zeros_like(rstd)
+    w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz = tl.zeros_like(rstd)
+    sum_dz_xhat = tl.zeros_like(rstd)
     if TRAINING:
-        sum_dy = tl.load(SumDy + c)
-        sum_dy_xhat = tl.load(SumDyXhat + c)
-    dy_scale, xhat_scale, dy_shift = _dx_constants(W, c, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_WEIGHT, ACC)
-    _ncs_dx_tile(X, DY, DX, c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S, stride_n, stride_c,
-                 mean, rstd, dy_scale, xhat_scale, dy_shift, TRAINING, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+        sum_dz = tl.load(SumDy + c)
+        sum_dz_xhat = tl.load(SumDyXhat + c)
+    dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
+    offset, mask = _ncs_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S, stride_n, stride_c,
+                                INT64_INDEX, BLOCK_N, BLOCK_S)
+    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+    _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift, TRAINING, WRITE_DR)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,58 +210,40 @@ def _bn_bwd_dx_ncs(
 
 
 @triton.jit
-def _rows_channel_sums(X, DY, c, c_mask, m_begin, m_end, stride_m, mean, rstd,
-                       ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    sum_dy = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for m0 in range(m_begin, m_end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        if INT64_INDEX:
-            m = m.to(tl.int64)
-        mask = (m < m_end)[:, None] & c_mask[None, :]
-        offset = m[:, None] * stride_m + c[None, :]
-        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
-        sum_dy += dy
-        sum_dy_xhat += dy * (x - mean[None, :])
-    return tl.sum(sum_dy, axis=0), tl.sum(sum_dy_xhat, axis=0) * rstd
-
-
-@triton.jit
-def _rows_dx_tile(X, DY, DX, c, c_mask, m0, M, stride_m, mean, rstd, dy_scale, xhat_scale, dy_shift,
-                  TRAINING: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
     m = m0 + tl.arange(0, BLOCK_M)
     if INT64_INDEX:
         m = m.to(tl.int64)
-    mask = (m < M)[:, None] & c_mask[None, :]
-    offset = m[:, None] * stride_m + c[None, :]
-    dy = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
-    dx = dy * dy_scale[None, :]
-    if TRAINING:
-        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-        dx = dx - ((x - mean[None, :]) * rstd[None, :]) * xhat_scale[None, :] - dy_shift[None, :]
-    tl.store(DX + offset, dx.to(DX.dtype.element_ty), mask=mask)
+    return m[:, None] * stride_m + c[None, :], (m < m_end)[:, None] & c_mask[None, :]
 
 
 @triton.jit
-def _rows_dx_constants(W, c, c_mask, rstd, sum_dy, sum_dy_xhat, inv_count, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
-    dy_scale = rstd
-    if HAS_WEIGHT:
-        dy_scale = dy_scale * tl.load(W + c, mask=c_mask, other=1.0).to(ACC)
-    return dy_scale, dy_scale * sum_dy_xhat * inv_count, dy_scale * sum_dy * inv_count
+def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
+                       HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                       ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    sum_dz = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offset, mask = _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
+        x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
+                               HAS_RESIDUAL, ACTIVATION, ACC)
+        sum_dz += dz
+        sum_dz_xmu += dz * (x - mean[None, :])
+    return tl.sum(sum_dz, axis=0), tl.sum(sum_dz_xmu, axis=0) * rstd
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_reduce_rows(
-    X, DY,  # [M, C], same strides
-    Mean, Rstd,  # [C] saved statistics (ACC)
+    X, DY, R,  # [M, C], same strides
+    W, B, Mean, Rstd,  # [C]
     PartSumDy, PartSumDyXhat,  # [split_m, C] partial sums (ACC)
     M, C, stride_m,
     m_chunk, split_m, c_bucket,
+    slope,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -237,23 +256,25 @@ def _bn_bwd_reduce_rows(
     m_end = tl.minimum(m_begin + m_chunk, M)
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
-    sum_dy, sum_dy_xhat = _rows_channel_sums(X, DY, c, c_mask, m_begin, m_end, stride_m, mean, rstd,
-                                             ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
-    tl.store(PartSumDy + part * C + c, sum_dy, mask=c_mask)
-    tl.store(PartSumDyXhat + part * C + c, sum_dy_xhat, mask=c_mask)
+    w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
+                                             HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    tl.store(PartSumDy + part * C + c, sum_dz, mask=c_mask)
+    tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat, mask=c_mask)
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
+@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_fused_rows(
-    X, DY, DX,  # [M, C], same strides
-    W, Mean, Rstd,  # [C]
+    X, DY, DX, R, DR,  # [M, C], same strides
+    W, B, Mean, Rstd,  # [C]
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     M, C, stride_m,
     m_chunk, c_bucket,  # m_chunk = M
-    inv_count,
-    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    inv_count, slope,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -262,28 +283,32 @@ def _bn_bwd_fused_rows(
     c_mask = c < C
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
-    sum_dy, sum_dy_xhat = _rows_channel_sums(X, DY, c, c_mask, 0, M, stride_m, mean, rstd,
-                                             ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
-    tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty), mask=c_mask)
-    tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=c_mask)
-    dy_scale, xhat_scale, dy_shift = _rows_dx_constants(W, c, c_mask, rstd, sum_dy, sum_dy_xhat, inv_count,
-                                                        HAS_WEIGHT, ACC)
+    w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, 0, M, stride_m, mean, rstd, w, b, slope,
+                                             HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty), mask=c_mask)
+    tl.store(DB + c, sum_dz.to(DB.dtype.element_ty), mask=c_mask)
+    dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for m0 in range(0, M, BLOCK_M):
-        _rows_dx_tile(X, DY, DX, c, c_mask, m0, M, stride_m, mean, rstd, dy_scale, xhat_scale, dy_shift,
-                      TRAINING, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+        offset, mask = _rows_offsets(c, c_mask, m0, M, stride_m, INT64_INDEX, BLOCK_M)
+        x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
+                               HAS_RESIDUAL, ACTIVATION, ACC)
+        _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
+                          xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 
 
-@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC"])
+@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
 @triton.jit
 def _bn_bwd_dx_rows(
-    X, DY, DX,  # [M, C], same strides
-    W, Mean, Rstd,  # [C]
+    X, DY, DX, R, DR,  # [M, C], same strides
+    W, B, Mean, Rstd,  # [C]
     SumDy, SumDyXhat,  # [C] combined sums (ACC), read when TRAINING
     M, C, stride_m,
     m_bucket, c_bucket,  # autotune keys only
-    inv_count,
-    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    inv_count, slope,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -294,15 +319,18 @@ def _bn_bwd_dx_rows(
     c_mask = c < C
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
-    sum_dy = tl.zeros_like(rstd)
-    sum_dy_xhat = tl.zeros_like(rstd)
+    w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
+    sum_dz = tl.zeros_like(rstd)
+    sum_dz_xhat = tl.zeros_like(rstd)
     if TRAINING:
-        sum_dy = tl.load(SumDy + c, mask=c_mask, other=0.0)
-        sum_dy_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0)
-    dy_scale, xhat_scale, dy_shift = _rows_dx_constants(W, c, c_mask, rstd, sum_dy, sum_dy_xhat, inv_count,
-                                                        HAS_WEIGHT, ACC)
-    _rows_dx_tile(X, DY, DX, c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, mean, rstd, dy_scale, xhat_scale,
-                  dy_shift, TRAINING, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+        sum_dz = tl.load(SumDy + c, mask=c_mask, other=0.0)
+        sum_dz_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0)
+    dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
+    offset, mask = _rows_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
+    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
+                           HAS_RESIDUAL, ACTIVATION, ACC)
+    _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
+                      xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ For each channel c, over the M = N * spatial elements of that channel:
     var_c  = (1/M) sum (x - mean_c)^2                 (biased: it normalises)
     rstd_c = 1 / sqrt(var_c + eps)
     y      = (x - mean_c) * rstd_c * w_c + b_c
+    y      = act(y + residual)                       (optional, see activation.py)
 
-In eval mode mean_c and var_c are the running statistics and only the last line runs.
+In eval mode mean_c and var_c are the running statistics and only the last lines run.
 
 The input is seen in one of two canonical layouts, both read through their strides:
 
@@ -31,6 +32,7 @@ Statistics are accumulated and stored in ACC (float32, or float64 for float64 in
 import triton
 import triton.language as tl
 
+from .activation import activate
 from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, rsqrt_rn
 from .configs import PER_CHANNEL_BLOCK, autotune
 
@@ -65,11 +67,12 @@ def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
 
 
 @triton.jit
-def _ncs_normalize_tile(X, Y, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
-                        mean, scale, shift,
+def _ncs_normalize_tile(X, Y, R, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
+                        mean, scale, shift, slope,
+                        HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
                         ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """y = (x - mean) * scale + shift on one [BLOCK_N, BLOCK_S] tile of channel c."""
+    """y = act((x - mean) * scale + shift + r) on one [BLOCK_N, BLOCK_S] tile of channel c."""
     n = n0 + tl.arange(0, BLOCK_N)
     if INT64_INDEX:
         n = n.to(tl.int64)
@@ -78,7 +81,12 @@ def _ncs_normalize_tile(X, Y, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y
     c64 = c.to(tl.int64)
     x = tl.load(X + c64 * stride_c + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC)
     y = (x - mean) * scale + shift
-    tl.store(Y + c64 * y_stride_c + n[:, None] * y_stride_n + s[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    y_offset = c64 * y_stride_c + n[:, None] * y_stride_n + s[None, :]
+    if HAS_RESIDUAL:
+        # The residual has the output's strides (the launcher makes sure).
+        y += tl.load(R + y_offset, mask=mask, other=0.0).to(ACC)
+    y = activate(y, slope, ACTIVATION)
+    tl.store(Y + y_offset, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -131,12 +139,13 @@ def _bn_fwd_stats_ncs(
 @triton.jit
 def _bn_fwd_fused_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
+    R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
-    eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    eps, slope,  # slope: leaky_relu's negative slope
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -154,8 +163,9 @@ def _bn_fwd_fused_ncs(
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
-            _ncs_normalize_tile(X, Y, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
-                                mean, scale, shift, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+            _ncs_normalize_tile(X, Y, R, c, n0, s0, N, S, stride_n, stride_c, y_stride_n, y_stride_c,
+                                mean, scale, shift, slope, HAS_RESIDUAL, ACTIVATION,
+                                ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
 
 
 @autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC"])
@@ -163,14 +173,16 @@ def _bn_fwd_fused_ncs(
 @triton.jit
 def _bn_fwd_normalize_ncs(
     X, Y,  # [N, C, S] input and output
+    R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval): what backward needs, in ACC
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     s_chunk,  # = S (named as in the stats kernel for the tile heuristic)
     n_bucket,  # autotune key only: N rounded up to a power of two
-    eps,
+    eps, slope,  # slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -193,8 +205,9 @@ def _bn_fwd_normalize_ncs(
     else:
         rstd = tl.load(StatRstd + c).to(ACC)
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
-    _ncs_normalize_tile(X, Y, c, tile_n * BLOCK_N, tile_s * BLOCK_S, N, S, stride_n, stride_c,
-                        y_stride_n, y_stride_c, mean, scale, shift, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    _ncs_normalize_tile(X, Y, R, c, tile_n * BLOCK_N, tile_s * BLOCK_S, N, S, stride_n, stride_c,
+                        y_stride_n, y_stride_c, mean, scale, shift, slope, HAS_RESIDUAL, ACTIVATION,
+                        ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,16 +238,22 @@ def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
 
 
 @triton.jit
-def _rows_normalize_tile(X, Y, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift,
+def _rows_normalize_tile(X, Y, R, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift, slope,
+                         HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
                          ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act((x - mean) * scale + shift + r) on one [BLOCK_M, BLOCK_C] tile."""
     m = m0 + tl.arange(0, BLOCK_M)
     if INT64_INDEX:
         m = m.to(tl.int64)
     mask = (m < M)[:, None] & c_mask[None, :]
     x = tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC)
     y = (x - mean[None, :]) * scale[None, :] + shift[None, :]
-    tl.store(Y + m[:, None] * y_stride_m + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    y_offset = m[:, None] * y_stride_m + c[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(R + y_offset, mask=mask, other=0.0).to(ACC)
+    y = activate(y, slope, ACTIVATION)
+    tl.store(Y + y_offset, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -285,13 +304,14 @@ def _bn_fwd_stats_rows(
 @triton.jit
 def _bn_fwd_fused_rows(
     X, Y,  # [M, C] input and output
+    R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC)
     M, C, stride_m, y_stride_m,
     m_chunk,  # = M (named as in the stats kernel for tuning)
     c_bucket,
-    eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    eps, slope,  # slope: leaky_relu's negative slope
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -308,8 +328,8 @@ def _bn_fwd_fused_rows(
     tl.store(Var + c, var, mask=c_mask)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for m0 in range(0, M, BLOCK_M):
-        _rows_normalize_tile(X, Y, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift,
-                             ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+        _rows_normalize_tile(X, Y, R, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift, slope,
+                             HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
 
 
 @autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC"])
@@ -317,13 +337,15 @@ def _bn_fwd_fused_rows(
 @triton.jit
 def _bn_fwd_normalize_rows(
     X, Y,  # [M, C] input and output
+    R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval), in ACC
     M, C, stride_m, y_stride_m,
     m_bucket, c_bucket,  # autotune keys only
-    eps,
+    eps, slope,  # slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -344,8 +366,8 @@ def _bn_fwd_normalize_rows(
     else:
         rstd = tl.load(StatRstd + c, mask=c_mask, other=1.0).to(ACC)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
-    _rows_normalize_tile(X, Y, c, c_mask, tile_m * BLOCK_M, M, stride_m, y_stride_m, mean, scale, shift,
-                         ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    _rows_normalize_tile(X, Y, R, c, c_mask, tile_m * BLOCK_M, M, stride_m, y_stride_m, mean, scale, shift,
+                         slope, HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------

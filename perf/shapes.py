@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from perf.common import RESNET50_BN_LAYERS
+
 
 @dataclass(frozen=True)
 class Case:
@@ -46,7 +48,6 @@ class Case:
 # channels are width -> width -> width * EXPANSION; the stride sits on conv2 (v1.5).
 RESNET50_STAGES = ((3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2))
 EXPANSION = 4
-RESNET50_BN_LAYERS = 53
 
 
 def resnet50_bn_layers(batch: int = 256, image: int = 224) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -94,8 +95,8 @@ def gpu_suite() -> list[Case]:
         Case("unet3d-32x64x128x128", (2, 32, 64, 128, 128), 1, "unet3d"),
         # ResNet-50's most common shape (layer3 bn2, 11 of 53 layers) at tiny batches: few
         # elements per channel, so launch overhead and occupancy dominate.
-        Case("rn50-256x14-n2", (2, 256, 14, 14), 1, "small-batch"),
-        Case("rn50-256x14-n8", (8, 256, 14, 14), 1, "small-batch"),
+        Case("small-n2-256x14", (2, 256, 14, 14), 1, "small-batch"),
+        Case("small-n8-256x14", (8, 256, 14, 14), 1, "small-batch"),
     ]
 
 

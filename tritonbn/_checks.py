@@ -6,13 +6,24 @@ import math
 
 import torch
 
+from .kernels import activation as _activation_codes
+
+# Activation names of the fused API -> the kernels' ACTIVATION constexpr.
+ACTIVATIONS = {
+    None: _activation_codes.NONE,
+    "relu": _activation_codes.RELU,
+    "silu": _activation_codes.SILU,
+    "leaky_relu": _activation_codes.LEAKY_RELU,
+}
+
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     # torch's own spelling in "not implemented for 'Long'"
     return {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
-            torch.uint8: "Byte", torch.bool: "Bool"}.get(dtype, str(dtype).replace("torch.", ""))
+            torch.uint8: "Byte", torch.bool: "Bool", torch.complex32: "ComplexHalf",
+            torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def verify_batch_size(size: torch.Size) -> None:
@@ -38,8 +49,9 @@ def check_batch_norm_args(
     if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_dtype_name(input.dtype)}'")
     channels = input.shape[1]
-    for name, tensor in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                         ("running_var", running_var)):
+    # torch's order, so that the first complaint is the same as torch's.
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                         ("bias", bias)):
         if tensor is None:
             continue
         if tensor.numel() != channels:
@@ -51,9 +63,25 @@ def check_batch_norm_args(
                 f"mixed dtype: expected {name} to have scalar type {input.dtype}"
                 f"{' or torch.float32' if input.dtype in _HALF_TYPES else ''}, got {tensor.dtype}"
             )
-    if (running_mean is None) != (running_var is None):
-        raise RuntimeError("running_mean and running_var must be given together")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if not training:
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         verify_batch_size(input.shape)
+
+
+def check_fusion_args(input: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> None:
+    """Raise for an unknown activation or a residual that does not match the input."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(str(a) for a in ACTIVATIONS)}, got {activation!r}")
+    if residual is None:
+        return
+    if residual.shape != input.shape:
+        raise ValueError(f"residual must have the input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise TypeError(f"residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"Tensor on device {residual.device} is not on the expected device {input.device}!")

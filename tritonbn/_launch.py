@@ -106,10 +106,14 @@ def forward(
     running_var: torch.Tensor | None,
     training: bool,
     eps: float,
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    slope: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y and the per-channel (mean, rstd, biased var) used, in the accumulation dtype.
+    """y = act(BN(x) + residual) and the per-channel (mean, rstd, biased var) used (ACC).
 
-    training: batch statistics; otherwise the running ones.
+    training: batch statistics; otherwise the running ones. activation is one of
+    kernels/activation.py's codes (0: none).
     """
     x, view = canonical_input(x)
     y = _empty_like(x)
@@ -118,13 +122,14 @@ def forward(
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
         return y, mean.zero_(), rstd.zero_(), var.zero_()
     w, b, flags = _affine(weight, bias, mean)
-    meta = {**_common_meta(x, view), **flags}
+    r = like_layout(residual, x) if residual is not None else y
+    meta = {**_common_meta(x, view), **flags, "HAS_RESIDUAL": residual is not None, "ACTIVATION": activation}
     if not training:
-        _normalize(x, y, view, w, b, running_mean.contiguous(), running_var.contiguous(), mean,
-                   mean, rstd, var, eps, from_running=True, meta=meta)
-    elif not _fused_forward(x, y, view, w, b, mean, rstd, var, eps, meta):
+        _normalize(x, y, r, view, w, b, running_mean.contiguous(), running_var.contiguous(), mean,
+                   mean, rstd, var, eps, slope, from_running=True, meta=meta)
+    elif not _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta):
         _split_stats(x, view, mean, rstd, var, eps)
-        _normalize(x, y, view, w, b, mean, var, rstd, mean, rstd, var, eps, from_running=False, meta=meta)
+        _normalize(x, y, r, view, w, b, mean, var, rstd, mean, rstd, var, eps, slope, from_running=False, meta=meta)
     return y, mean, rstd, var
 
 
@@ -160,8 +165,8 @@ def normalize(
     if view.m == 0 or view.c == 0:
         return y
     w, b, flags = _affine(weight, bias, mean)
-    _normalize(x, y, view, w, b, mean, mean, rstd, mean, rstd, mean, 0.0, from_running=False,
-               meta={**_common_meta(x, view), **flags})
+    meta = {**_common_meta(x, view), **flags, "HAS_RESIDUAL": False, "ACTIVATION": 0}
+    _normalize(x, y, y, view, w, b, mean, mean, rstd, mean, rstd, mean, 0.0, 0.0, from_running=False, meta=meta)
     return y
 
 
@@ -178,22 +183,22 @@ def _affine(weight, bias, dummy):
     return (weight if weight is not None else dummy), (bias if bias is not None else dummy), flags
 
 
-def _fused_forward(x, y, view, w, b, mean, rstd, var, eps, meta) -> bool:
+def _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta) -> bool:
     """The one-launch route, when the split heuristic gives one program per channel block."""
     c = view.c
     if view.kind == "ncs":
         split_n, split_s, _, _ = _ncs_split(view, x.device)
         if split_n * split_s > 1:
             return False
-        _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, w, b, mean, rstd, var,
+        _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, r, w, b, mean, rstd, var,
                 view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.n, view.s, eps, **meta)
+                view.n, view.s, eps, slope, **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-    _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, w, b, mean, rstd, var,
-            view.m, c, view.stride_m, view.stride_m, view.m, cfg.size_bucket(c), eps, **meta)
+    _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, r, w, b, mean, rstd, var,
+            view.m, c, view.stride_m, view.stride_m, view.m, cfg.size_bucket(c), eps, slope, **meta)
     return True
 
 
@@ -220,17 +225,17 @@ def _split_stats(x, view, mean, rstd, var, eps) -> None:
             ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
 
 
-def _normalize(x, y, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var, eps, from_running, meta):
+def _normalize(x, y, r, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var, eps, slope, from_running, meta):
     if view.kind == "ncs":
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
-        _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var,
-                view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.s, cfg.size_bucket(view.n), eps, FROM_RUNNING=from_running, **meta)
+        _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
+                mean, rstd, var, view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
+                view.s, cfg.size_bucket(view.n), eps, slope, FROM_RUNNING=from_running, **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
-        _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var,
-                view.m, view.c, view.stride_m, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c),
-                eps, FROM_RUNNING=from_running, **meta)
+        _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
+                mean, rstd, var, view.m, view.c, view.stride_m, view.stride_m, cfg.size_bucket(view.m),
+                cfg.size_bucket(view.c), eps, slope, FROM_RUNNING=from_running, **meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,13 +247,22 @@ def backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     training: bool,
     param_grads: bool,
     param_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias); dweight and dbias are empty when param_grads is False."""
+    residual: torch.Tensor | None = None,
+    activation: int = 0,
+    slope: float = 0.0,
+    residual_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dresidual); the last three are empty when not asked for.
+
+    bias and residual are needed only to recompute the pre-activation z when an activation
+    is fused.
+    """
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
     dx = _empty_like(x)
@@ -256,17 +270,28 @@ def backward(
     size = c if (param_grads or training) else 0
     dweight = _empty(size, param_dtype, x.device)
     dbias = _empty(size, param_dtype, x.device)
+    dresidual = _empty_like(x) if residual_grad else _empty(0, x.dtype, x.device)
     if view.m == 0 or c == 0:
-        return dx, dweight.zero_(), dbias.zero_()
-    w, _, flags = _affine(weight, None, mean)
-    meta = {**_common_meta(x, view), "TRAINING": training, "HAS_WEIGHT": flags["HAS_WEIGHT"]}
+        return dx, dweight.zero_(), dbias.zero_(), dresidual
+    w, b, flags = _affine(weight, bias, mean)
+    r = like_layout(residual, x) if residual is not None else dx
+    meta = {**_common_meta(x, view), **flags, "TRAINING": training, "ACTIVATION": activation,
+            "HAS_RESIDUAL": residual is not None, "WRITE_DR": residual_grad}
     inv_count = 1.0 / view.m
+    dr = dresidual if residual_grad else dx
     if not training and not param_grads:
-        _dx(x, dy, dx, view, w, mean, rstd, mean, rstd, inv_count, meta)
-    elif not _fused_backward(x, dy, dx, view, w, mean, rstd, dweight, dbias, inv_count, meta):
-        sums = _split_sums(x, dy, view, mean, rstd, dweight, dbias)
-        _dx(x, dy, dx, view, w, mean, rstd, sums[0], sums[1], inv_count, meta)
-    return dx, dweight, dbias
+        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, mean, rstd, inv_count, slope, meta)
+    elif not _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, inv_count, slope, meta):
+        sums = _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta)
+        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sums[0], sums[1], inv_count, slope, meta)
+    return dx, dweight, dbias, dresidual
+
+
+def _plain_backward_meta(x, view, weight):
+    w, b, flags = _affine(weight, None, x.new_empty(0))
+    meta = {**_common_meta(x, view), **flags, "TRAINING": True, "ACTIVATION": 0, "HAS_RESIDUAL": False,
+            "WRITE_DR": False}
+    return w, b, meta
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -277,7 +302,8 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
     if view.m == 0 or view.c == 0:
         return torch.zeros((2, view.c), dtype=acc, device=x.device)
     scratch = _empty((2, view.c), acc, x.device)
-    return _split_sums(x, dy, view, mean, rstd, scratch[0], scratch[1])
+    w, b, meta = _plain_backward_meta(x, view, None)
+    return _split_sums(x, dy, dy, view, mean, mean, mean, rstd, scratch[0], scratch[1], 0.0, meta)
 
 
 def dx_from_sums(
@@ -295,62 +321,65 @@ def dx_from_sums(
     dx = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return dx
-    w, _, flags = _affine(weight, None, mean)
-    meta = {**_common_meta(x, view), "TRAINING": True, "HAS_WEIGHT": flags["HAS_WEIGHT"]}
-    _dx(x, dy, dx, view, w, mean, rstd, mean_dy.contiguous(), mean_dy_xhat.contiguous(), 1.0, meta)
+    w, b, meta = _plain_backward_meta(x, view, weight)
+    w = w if weight is not None else mean
+    _dx(x, dy, dx, dx, dx, view, w, mean, mean, rstd, mean_dy.contiguous(), mean_dy_xhat.contiguous(), 1.0, 0.0,
+        meta)
     return dx
 
 
-def _fused_backward(x, dy, dx, view, w, mean, rstd, dweight, dbias, inv_count, meta) -> bool:
+def _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, inv_count, slope, meta) -> bool:
     c = view.c
     if view.kind == "ncs":
         split_n, split_s, _, _ = _ncs_split(view, x.device)
         if split_n * split_s > 1:
             return False
-        _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, w, mean, rstd, dweight, dbias,
-                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, **meta)
+        _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
+                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, slope, **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-    _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, w, mean, rstd, dweight, dbias,
-            view.m, c, view.stride_m, view.m, cfg.size_bucket(c), inv_count, **meta)
+    _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
+            view.m, c, view.stride_m, view.m, cfg.size_bucket(c), inv_count, slope, **meta)
     return True
 
 
-def _split_sums(x, dy, view, mean, rstd, dweight, dbias) -> torch.Tensor:
+def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta) -> torch.Tensor:
     """Partial sums from many programs per channel, added in order; returns [2, C] (ACC)."""
     c = view.c
     acc = accumulation_dtype(x.dtype)
-    meta = _common_meta(x, view)
+    reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR")}
     if view.kind == "ncs":
         split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
         splits = split_n * split_s
         parts = _empty((2, splits, c), acc, x.device)
-        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, mean, rstd, parts[0], parts[1],
-                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
+        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, w, b, mean, rstd, parts[0], parts[1],
+                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, slope,
+                **reduce_meta)
     else:
         splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((2, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
-        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, mean, rstd, parts[0], parts[1],
-                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), **meta)
+        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, w, b, mean, rstd, parts[0], parts[1],
+                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), slope, **reduce_meta)
     sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     return sums
 
 
-def _dx(x, dy, dx, view, w, mean, rstd, sum_dy, sum_dy_xhat, inv_count, meta):
+def _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sum_dy, sum_dy_xhat, inv_count, slope, meta):
     if view.kind == "ncs":
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
-        _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, w, mean, rstd, sum_dy, sum_dy_xhat,
+        _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
                 view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.size_bucket(view.n),
-                inv_count, **meta)
+                inv_count, slope, **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
-        _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, w, mean, rstd, sum_dy, sum_dy_xhat,
-                view.m, view.c, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c), inv_count, **meta)
+        _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
+                view.m, view.c, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c), inv_count, slope,
+                **meta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def _merged_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | No
 def _view_of(x: torch.Tensor) -> CanonicalView | None:
     n, c = x.shape[0], x.shape[1]
     s = math.prod(x.shape[2:])
+    if x.numel() == 0:
+        # Nothing to read (N, C or a spatial size is 0): the launchers return before any kernel.
+        return CanonicalView("ncs", n, c, s, 0, 0, 0, 1)
     stride_n, stride_c = x.stride(0), x.stride(1)
     max_offset = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()) if size > 0)
     spatial_stride = _merged_stride(tuple(x.shape[2:]), tuple(x.stride()[2:]))

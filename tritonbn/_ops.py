@@ -2,14 +2,18 @@
 
 Three ops:
 
-* ``tritonbn::batch_norm_fwd`` (functional, differentiable): y and the statistics used;
-* ``tritonbn::batch_norm_bwd`` (functional): dx, dweight, dbias;
+* ``tritonbn::batch_norm_fwd`` (functional, differentiable): y = act(BN(x) + residual) and
+  the statistics used;
+* ``tritonbn::batch_norm_bwd`` (functional): dx, dweight, dbias, dresidual;
 * ``tritonbn::update_running_stats_`` (mutates the running buffers, not differentiable).
 
 The running-stat update is a separate op because ``custom_op`` refuses ``register_autograd``
 on an op that mutates an input; keeping the differentiable op pure also means autotuning
 and recomputation can never apply the update twice. Each op has a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces through without a graph break.
+
+Backward saves x, the parameters, the statistics and (with a fused activation) a reference
+to the residual: never the output or a mask, so a fused activation adds no stored tensor.
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ def batch_norm_fwd(
     running_var: Tensor | None,
     training: bool,
     eps: float,
+    residual: Tensor | None,
+    activation: int,
+    slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps)
+    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation,
+                           slope)
 
 
 @batch_norm_fwd.register_fake
-def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, eps):
+def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, eps, residual, activation, slope):
     dense, _ = canonical_input(input)
     stats = input.new_empty(input.shape[1], dtype=_launch.accumulation_dtype(input.dtype))
     return torch.empty_like(dense), stats, torch.empty_like(stats), torch.empty_like(stats)
@@ -46,21 +54,29 @@ def batch_norm_bwd(
     grad_output: Tensor,
     input: Tensor,
     weight: Tensor | None,
+    bias: Tensor | None,
     mean: Tensor,
     rstd: Tensor,
     training: bool,
     param_grads: bool,
     param_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _launch.backward(grad_output, input, weight, mean, rstd, training, param_grads, param_dtype)
+    residual: Tensor | None,
+    activation: int,
+    slope: float,
+    residual_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _launch.backward(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
+                            residual, activation, slope, residual_grad)
 
 
 @batch_norm_bwd.register_fake
-def _batch_norm_bwd_fake(grad_output, input, weight, mean, rstd, training, param_grads, param_dtype):
+def _batch_norm_bwd_fake(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
+                         residual, activation, slope, residual_grad):
     dense, _ = canonical_input(input)
     size = input.shape[1] if (param_grads or training) else 0
     grads = input.new_empty(size, dtype=param_dtype)
-    return torch.empty_like(dense), grads, torch.empty_like(grads)
+    dresidual = torch.empty_like(dense) if residual_grad else input.new_empty(0)
+    return torch.empty_like(dense), grads, torch.empty_like(grads), dresidual
 
 
 @torch.library.custom_op("tritonbn::update_running_stats_", mutates_args=("running_mean", "running_var"))
@@ -82,21 +98,27 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, _, _, training, _ = inputs
+    input, weight, bias, _, _, training, _, residual, activation, slope = inputs
     _, mean, rstd, _ = output
-    ctx.save_for_backward(input, weight, mean, rstd)
+    # The residual is only read back when an activation follows the add.
+    ctx.save_for_backward(input, weight, bias, mean, rstd, residual if activation else None)
     ctx.training = training
+    ctx.activation = activation
+    ctx.slope = slope
+    ctx.has_residual = residual is not None
     param = weight if weight is not None else bias
     ctx.param_dtype = param.dtype if param is not None else _launch.accumulation_dtype(input.dtype)
 
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
-    input, weight, mean, rstd = ctx.saved_tensors
-    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    input, weight, bias, mean, rstd, residual = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[7]
     if grad_output is None:
         grad_output = torch.zeros_like(input)
-    grad_input, grad_weight, grad_bias = torch.ops.tritonbn.batch_norm_bwd(
-        grad_output, input, weight, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype
+    grad_input, grad_weight, grad_bias, grad_residual = torch.ops.tritonbn.batch_norm_bwd(
+        grad_output, input, weight, bias, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype,
+        residual, ctx.activation, ctx.slope, bool(needs_residual and ctx.has_residual),
     )
     return (
         grad_input if needs_input else None,
@@ -104,6 +126,9 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
         grad_bias if needs_bias else None,
         None,
         None,
+        None,
+        None,
+        grad_residual if needs_residual and ctx.has_residual else None,
         None,
         None,
     )

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers the torch.ops.tritonbn ops)
-from ._checks import check_batch_norm_args
+from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
 from .backend import TORCH_NATIVE, backend_for
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act"]
 
 
 def batch_norm(
@@ -69,28 +69,92 @@ def _batch_norm(
     eps: float,
     num_batches_tracked: Tensor | None = None,
     checked: bool = False,
+    residual: Tensor | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
-    """batch_norm plus the module's cumulative-average mode.
+    """batch_norm plus the module's cumulative-average mode and a fused residual/activation.
 
     With ``num_batches_tracked`` given (the module's ``momentum=None``), the blend factor is
     ``1 / num_batches_tracked``, read on the device.
     """
     if not checked:
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+        check_fusion_args(input, residual, activation)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")
     if backend_for(input) == TORCH_NATIVE:
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)  # CPU only: no device to synchronise
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
+        return _unfused_epilogue(output, residual, activation, negative_slope)
+
+    activation_code = ACTIVATIONS[activation]
+    slope = float(negative_slope)
 
     if training:
-        output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(input, weight, bias, None, None, True, eps)
+        output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(
+            input, weight, bias, None, None, True, eps, residual, activation_code, slope
+        )
         count = input.shape[0] * math.prod(input.shape[2:])
         if running_mean is not None and count > 0:
             torch.ops.tritonbn.update_running_stats_(
                 running_mean, running_var, mean, var, num_batches_tracked, 0.0 if momentum is None else momentum, count
             )
         return output
-    output, _, _, _ = torch.ops.tritonbn.batch_norm_fwd(input, weight, bias, running_mean, running_var, False, eps)
+    output, _, _, _ = torch.ops.tritonbn.batch_norm_fwd(
+        input, weight, bias, running_mean, running_var, False, eps, residual, activation_code, slope
+    )
+    return output
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = "relu",
+    residual: Tensor | None = None,
+    negative_slope: float = 0.01,
+) -> Tensor:
+    r"""Batch Normalization, then an optional residual add and activation, in one kernel.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma
+            + \beta + \mathrm{residual}\right)
+
+    The same numbers as :func:`batch_norm` followed by ``+ residual`` and the activation in
+    torch, with one read of x (and the residual) and one write of y. Backward recomputes the
+    pre-activation from x and the saved statistics, so no activation is stored.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as in
+            :func:`batch_norm`.
+        activation: ``None``, ``"relu"``, ``"silu"`` or ``"leaky_relu"``.
+        residual: a tensor of the input's shape, dtype and device added before the
+            activation (ResNet's identity path), or ``None``.
+        negative_slope: the slope of ``"leaky_relu"`` for negative inputs.
+
+    Example::
+
+        >>> out = tritonbn.functional.batch_norm_act(x, rm, rv, w, b, training=True, residual=identity)
+    """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       residual=residual, activation=activation, negative_slope=negative_slope)
+
+
+def _unfused_epilogue(output: Tensor, residual: Tensor | None, activation: str | None, slope: float) -> Tensor:
+    """torch's own residual add and activation, for the torch-native backend."""
+    if residual is not None:
+        output = output + residual
+    if activation == "relu":
+        return F.relu(output)
+    if activation == "silu":
+        return F.silu(output)
+    if activation == "leaky_relu":
+        return F.leaky_relu(output, slope)
     return output

@@ -12,14 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_batch_norm_args
+from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
 from .functional import _batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+]
 
 
 class _TritonBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
+        return self._forward(input)
+
+    def _forward(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None,
+                 negative_slope: float = 0.01) -> Tensor:
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are used when they exist and we are in eval, or when tracking in training.
@@ -27,6 +33,7 @@ class _TritonBatchNormMixin:
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, bn_training)
+        check_fusion_args(input, residual, activation)
 
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -36,6 +43,7 @@ class _TritonBatchNormMixin:
         return _batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training,
             self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True,
+            residual=residual, activation=activation, negative_slope=negative_slope,
         )
 
 
@@ -99,4 +107,68 @@ class BatchNorm3d(_TritonBatchNormMixin, torch.nn.BatchNorm3d):
 
         >>> m = tritonbn.BatchNorm3d(32).cuda()
         >>> y = m(torch.randn(2, 32, 16, 64, 64, device="cuda"))
+    """
+
+
+class _BatchNormActMixin:
+    """BatchNorm -> (+ residual) -> activation in one kernel; a BatchNorm's state_dict."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, activation: str | None = "relu",
+                 negative_slope: float = 0.01) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(str(a) for a in ACTIVATIONS)}, got {activation!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self._forward(input, residual, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
+
+
+class BatchNormAct1d(_BatchNormActMixin, BatchNorm1d):
+    r"""BatchNorm1d followed by an optional residual add and an activation, fused.
+
+    ``y = act(BatchNorm1d(x) + residual)``, with ``act`` one of ``None``, ``"relu"``,
+    ``"silu"``, ``"leaky_relu"`` (slope ``negative_slope``). Same state_dict as
+    :class:`torch.nn.BatchNorm1d`: a torch checkpoint loads into it.
+
+    Example::
+
+        >>> m = tritonbn.BatchNormAct1d(128, activation="silu").cuda()
+        >>> y = m(torch.randn(32, 128, device="cuda"))
+    """
+
+
+class BatchNormAct2d(_BatchNormActMixin, BatchNorm2d):
+    r"""BatchNorm2d followed by an optional residual add and an activation, fused.
+
+    ``y = act(BatchNorm2d(x) + residual)``: one read of x (and the residual), one write of y,
+    forward and backward; no activation is stored for backward. Same state_dict as
+    :class:`torch.nn.BatchNorm2d`.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as in BatchNorm2d.
+        activation: ``None``, ``"relu"``, ``"silu"`` or ``"leaky_relu"``. Default: ``"relu"``
+        negative_slope: the leaky_relu slope. Default: 0.01
+
+    Shape:
+        - Input, residual (optional): ``(N, C, H, W)``
+        - Output: same as the input
+
+    Example::
+
+        >>> m = tritonbn.BatchNormAct2d(256).cuda()
+        >>> out = m(conv3_out, residual=identity)   # ResNet: relu(bn3(out) + identity)
+    """
+
+
+class BatchNormAct3d(_BatchNormActMixin, BatchNorm3d):
+    r"""BatchNorm3d followed by an optional residual add and an activation, fused.
+
+    See :class:`BatchNormAct2d`; input ``(N, C, D, H, W)``.
     """

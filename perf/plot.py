@@ -1,0 +1,181 @@
+"""Draw the perf report's CSV as PNGs (matplotlib, Agg: no display needed).
+
+Usage::
+
+    python perf/plot.py perf/results/<card-slug>/results.csv [--out DIR]
+
+Per mode, two figures with one panel per dtype x layout:
+
+* ``gbps_<mode>.png``: modelled GB/s (perf/common.py: BYTES) per shape for each provider,
+  with the measured copy bandwidth as the ceiling line;
+* ``speedup_<mode>.png``: tritonbn's speedup over eager torch and over torch.compile per
+  shape, with the 1.0x line and the 1.5x geomean target.
+
+Eight PNGs in all, so they and the CSV fit what a lent GPU machine sends back. A smoke-run
+CSV gets the smoke label in every title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: headless machines and CI have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+if __package__ in (None, ""):
+    # Run as `python perf/plot.py`: make the `perf` package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perf import common  # noqa: E402
+
+# Ticks of the log speedup axis: decades for the smoke run's tiny ratios, finer around 1x.
+SPEEDUP_TICKS = [1e-4, 1e-3, 1e-2, 0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 6, 8, 16]
+PROVIDER_COLORS = {"tritonbn": "tab:orange", "torch": "tab:blue", "torch.compile": "tab:green"}
+
+
+def _file_mode(mode: str) -> str:
+    return mode.replace("+", "_").replace("-", "_")
+
+
+def _panels(table: dict, mode: str) -> list[tuple[str, str]]:
+    present = {(k[3], k[4]) for k in table if k[2] == mode and k[1] != common.COPY}
+    return [(d, lay) for d in common.DTYPES for lay in common.LAYOUTS if (d, lay) in present]
+
+
+def _shape_order(rows: list[dict]) -> list[str]:
+    seen = []
+    for row in rows:
+        if row["provider"] != common.COPY and row["shape_name"] not in seen:
+            seen.append(row["shape_name"])
+    return seen
+
+
+def _grid(n_panels: int, n_shapes: int):
+    cols = 2 if n_panels > 1 else 1
+    rows = math.ceil(n_panels / cols)
+    width = max(7.0, 0.5 * n_shapes + 2.5) * cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 4.8 * rows + 1.2), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _title(fig, text: str, smoke: bool, device: str) -> None:
+    if smoke:
+        fig.suptitle(f"{common.SMOKE_LABEL}\n{text} ({device})", color="red", fontweight="bold")
+    else:
+        fig.suptitle(f"{text} ({device})")
+
+
+def _count(value: str) -> int:
+    number = common.as_float(value)
+    return int(number) if math.isfinite(number) else 1
+
+
+def _labels(names: list[str], layers: dict[str, int]) -> list[str]:
+    return [f"{n} x{layers[n]}" if layers.get(n, 1) > 1 else n for n in names]
+
+
+def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write the PNGs for the CSV's (latest) rows; returns their paths."""
+    rows = common.read_rows(Path(csv_path))
+    out_dir = Path(out_dir or Path(csv_path).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = common.latest(rows)
+    smoke = any(r["device"] == common.SMOKE_DEVICE for r in rows)
+    device = ", ".join(sorted({r["device"] for r in rows})) or "no rows"
+    bandwidth = common.copy_gbps(rows)
+    order = _shape_order(rows)
+    layers = {r["shape_name"]: _count(r["layers"]) for r in rows if r["provider"] != common.COPY}
+    speedups = common.speedups(rows)
+    written = []
+    for mode in common.MODES:
+        panels = _panels(table, mode)
+        if not panels:
+            continue
+        # GB/s per shape and provider, against the copy ceiling.
+        fig, axes = _grid(len(panels), len(order))
+        for ax, (dtype, layout) in zip(axes, panels):
+            names = [n for n in order if any(k[2:] == (mode, dtype, layout, n) for k in table)]
+            providers = [p for p in common.PROVIDERS
+                         if any(k[1:] == (p, mode, dtype, layout, n) for k in table for n in names)]
+            width = 0.8 / max(len(providers), 1)
+            for j, provider in enumerate(providers):
+                values = []
+                for n in names:
+                    hits = [r for k, r in table.items() if k[1:] == (provider, mode, dtype, layout, n)]
+                    values.append(common.as_float(hits[0]["gbps"]) if hits else math.nan)
+                xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(names))]
+                ax.bar(xs, values, width, label=provider, color=PROVIDER_COLORS.get(provider))
+            if math.isfinite(bandwidth):
+                ax.axhline(bandwidth, color="black", linestyle="--", linewidth=1,
+                           label=f"copy {bandwidth:.0f} GB/s")
+            ax.set_xticks(range(len(names)), _labels(names, layers), rotation=60, ha="right", fontsize=8)
+            ax.set_ylabel(f"GB/s (model: {common.BYTES[mode]}*E*s / p50)")
+            ax.set_title(f"{mode}, {dtype}, {layout}")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+        _title(fig, f"BatchNorm {mode}: modelled bandwidth per shape", smoke, device)
+        fig.tight_layout()
+        path = out_dir / f"gbps_{_file_mode(mode)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+        # tritonbn's speedup over each baseline.
+        fig, axes = _grid(len(panels), len(order))
+        for ax, (dtype, layout) in zip(axes, panels):
+            entries = sorted(speedups.get((mode, dtype, layout), []),
+                             key=lambda e: order.index(e["shape_name"]) if e["shape_name"] in order else 0)
+            names = [e["shape_name"] for e in entries]
+            for j, (key, label, color) in enumerate((("vs_eager", "vs eager torch", "tab:blue"),
+                                                     ("vs_compile", "vs torch.compile", "tab:green"))):
+                values = [e[key] for e in entries]
+                geo = common.geomean(values)
+                xs = [i + (j - 0.5) * 0.4 for i in range(len(names))]
+                bars = ax.bar(xs, values, 0.4, color=color,
+                              label=f"{label} (geomean {geo:.3g}x)" if math.isfinite(geo) else f"{label} (n/a)")
+                ax.bar_label(bars, labels=[f"{v:.2g}" if math.isfinite(v) else "" for v in values],
+                             fontsize=6, rotation=90, padding=2)
+            # Ratios: a log axis shows 0.5x and 2x as equally far from parity.
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(SPEEDUP_TICKS))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.margins(y=0.12)  # room for the bar labels
+            ax.axhline(1.0, color="black", linewidth=1)
+            ax.axhline(common.TARGET_GEOMEAN_VS_EAGER, color="red", linestyle=":", linewidth=1,
+                       label=f"{common.TARGET_GEOMEAN_VS_EAGER}x geomean target vs eager")
+            ax.set_xticks(range(len(names)), _labels(names, layers), rotation=60, ha="right", fontsize=8)
+            ax.set_ylabel("speedup of tritonbn (baseline p50 / tritonbn p50)")
+            ax.set_title(f"{mode}, {dtype}, {layout}")
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+        _title(fig, f"BatchNorm {mode}: tritonbn speedup per shape", smoke, device)
+        fig.tight_layout()
+        path = out_dir / f"speedup_{_file_mode(mode)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Draw the perf report's CSV as PNGs.")
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside the CSV)")
+    args = parser.parse_args(argv)
+    for path in draw(args.csv, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
