@@ -32,7 +32,9 @@ def _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
     x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
     if ACTIVATION != 0:
-        z = (x - mean) * rstd * w + b
+        # The forward's own operation order, so the recomputed z has the forward's bits and
+        # act'(z) agrees with the output the forward wrote, even at z = 0.
+        z = (x - mean) * (rstd * w) + b
         if HAS_RESIDUAL:
             z += tl.load(R + offset, mask=mask, other=0.0).to(ACC)
         dz = activation_grad(z, dz, slope, ACTIVATION)

@@ -7,6 +7,7 @@
 #   gpu_run.log      all output of this script
 #   results.csv      the report's rows          summary.txt   the report's summary table
 #   plots.tar.gz     the report's PNGs (packed: at most 8 files come back from $OUT)
+#   static_checks.md perf/static_checks.py's report
 #
 # Usage:
 #   perf/gpu_run.sh                            # tests, static, report: all within the budget
@@ -18,6 +19,10 @@
 # GPU_RUN_BUDGET_S seconds (default 570, under the tool's 600): the report gets what the
 # earlier stages left, starts no new case past its share, and is stopped hard before the
 # end so that its (incrementally written) CSV and plots are still copied out.
+#
+# Knobs (environment): PYTHON (default python3), GPU_RUN_BUDGET_S, GPU_RUN_TEST_TIMEOUT_S
+# (240), GPU_RUN_STATIC_TIMEOUT_S (150), GPU_RUN_STATIC_ARGS (default: --workers N --out
+# $OUT/static_checks.md).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +35,7 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_RUN_BUDGET_S:-570}"
 TEST_TIMEOUT="${GPU_RUN_TEST_TIMEOUT_S:-240}"
-STATIC_TIMEOUT="${GPU_RUN_STATIC_TIMEOUT_S:-120}"
+STATIC_TIMEOUT="${GPU_RUN_STATIC_TIMEOUT_S:-150}"
 START=$SECONDS
 
 stages=()
@@ -74,7 +79,11 @@ fi
 
 if wants static; then
     if [[ -f perf/static_checks.py ]]; then
-        step static timeout -k 10 "$STATIC_TIMEOUT" "$PY" perf/static_checks.py
+        # Its markdown report comes back in $OUT; its compiles spread over the machine's cores.
+        workers=$(nproc 2>/dev/null || echo 2)
+        ((workers > 8)) && workers=8
+        read -r -a static_args <<<"${GPU_RUN_STATIC_ARGS:---workers $workers --out $OUT/static_checks.md}"
+        step static timeout -k 10 "$STATIC_TIMEOUT" "$PY" perf/static_checks.py "${static_args[@]}"
     else
         echo "=== static: perf/static_checks.py not present, skipped"
     fi
@@ -98,7 +107,7 @@ if wants report; then
             step summarize "$PY" -m perf.report --summarize --out "$results_dir"
         fi
     fi
-    if [[ -d "$results_dir" ]]; then
+    if [[ "${rc[report]}" != skipped && -d "$results_dir" ]]; then
         for f in results.csv summary.txt; do
             [[ -f "$results_dir/$f" ]] && cp "$results_dir/$f" "$OUT/"
         done

@@ -149,7 +149,9 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
             ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(SPEEDUP_TICKS))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.margins(y=0.12)  # room for the bar labels
+            # Parity and the target always in view, with room above the bars for their labels.
+            shown = [v for e in entries for v in (e["vs_eager"], e["vs_compile"]) if math.isfinite(v) and v > 0]
+            ax.set_ylim(min(shown + [1.0]) / 1.4, max(shown + [common.TARGET_GEOMEAN_VS_EAGER]) * 1.6)
             ax.axhline(1.0, color="black", linewidth=1)
             ax.axhline(common.TARGET_GEOMEAN_VS_EAGER, color="red", linestyle=":", linewidth=1,
                        label=f"{common.TARGET_GEOMEAN_VS_EAGER}x geomean target vs eager")

@@ -110,7 +110,7 @@ def driver_version() -> str:
         pynvml.nvmlInit()
         version = pynvml.nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception:  # noqa: BLE001 -- NVML missing or unusable: say so in the CSV instead
+    except Exception:  # NVML missing or unusable: say so in the CSV instead
         return "unknown"
 
 
@@ -135,8 +135,6 @@ def prepare(smoke_forced: bool, autotune: bool) -> RunEnv:
         torch.set_num_threads(1)
     if not autotune:
         os.environ["TRITONBN_AUTOTUNE"] = "0"
-    if "tritonbn" in sys.modules and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("tritonbn was imported before the report could set TRITON_INTERPRET=1")
     import triton
 
     import tritonbn
@@ -152,6 +150,8 @@ def prepare(smoke_forced: bool, autotune: bool) -> RunEnv:
     else:
         env = RunEnv(False, torch.device("cpu"), common.SMOKE_DEVICE, "cpu", "n/a", "n/a",
                      torch.__version__, triton.__version__, date, DEFAULT_L2_BYTES, common.SMOKE_LABEL)
+    # Catches a tritonbn imported before TRITON_INTERPRET was set (the kernels would then be
+    # plain jit functions that cannot run on the CPU, and the module would fall back to torch).
     expected = "triton" if cuda else "triton-interpreter"
     got = tritonbn.backend_for(torch.empty(0, device=env.device))
     if got != expected:
@@ -299,7 +299,7 @@ def eager_backend(x: torch.Tensor, module, training: bool) -> str:
         chosen = torch._C._select_batch_norm_backend(x, module.weight, module.bias, module.running_mean,
                                                      module.running_var, training, module.eps)
         return str(chosen).split(".")[-1].lower()
-    except Exception:  # noqa: BLE001 -- a private API: older or newer torch may lack or change it
+    except Exception:  # a private API: older or newer torch may lack or change it
         return "unknown"
 
 
@@ -485,7 +485,7 @@ class Report:
                     continue
                 try:
                     self.run_combo(case, dtype_name, layout, providers)
-                except Exception as exc:  # noqa: BLE001 -- one broken case must not lose the others
+                except Exception as exc:  # one broken case must not lose the others
                     self.issues.append(f"{name}: ERROR {type(exc).__name__}: {exc}")
                     self.log(f"ERROR in {name}:\n{traceback.format_exc()}")
                 finally:
@@ -549,7 +549,7 @@ class Report:
                     self.timer.sync()
                     p20, p50, p80 = self.timer(fn)
                     del fn
-                except Exception as exc:  # noqa: BLE001 -- record it and go on with the next one
+                except Exception as exc:  # record it and go on with the next one
                     self.issues.append(f"{tag} {mode} {provider}: ERROR {type(exc).__name__}: {exc}")
                     self.log(f"ERROR {tag} {mode} {provider}:\n{traceback.format_exc()}")
                     self.sink.write(self.row(**fields, check=f"error: {type(exc).__name__}"))
@@ -608,7 +608,7 @@ def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, i
 
             for png in plotting.draw(csv_path, out_dir):
                 print(f"wrote {png}")
-        except Exception:  # noqa: BLE001 -- the numbers are written; report the plot failure
+        except Exception:  # the numbers are written; report the plot failure
             traceback.print_exc()
             issues.append("plotting failed")
     rows = [r for r in common.read_rows(csv_path) if device_name is None or r["device"] == device_name]

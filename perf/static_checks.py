@@ -21,7 +21,23 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set by the test suite on CPU machi
 @triton.jit into Python functions that cannot be compiled, so the sweep must run in a process
 where it was never set; ``python perf/static_checks.py`` drops it before importing Triton.
 
-CLI: ``python perf/static_checks.py [--out FILE] [--json FILE] [--quick] [--check]``.
+Hot-loop accesses are told apart from per-channel ones by shape: the activation tiles are the
+rank-2 ``tt.load``/``tt.store`` ops of the TTGIR; their source lines are matched with the
+``!dbg`` lines of the inline-PTX accesses in the LLVM IR, whose text gives the width
+(``ld.global.v4.b32`` is the ``LDG.E.128`` of the SASS). Registers and local memory come from
+``cuobjdump --dump-resource-usage`` on the cubin (Triton's bundled tool), and a kernel with local
+memory is disassembled to count its LDL/STL and how many sit inside loops.
+
+Two negative controls keep the checks honest: a shape with misaligned strides must give scalar
+hot loads, and a 32-register cap must spill; if either comes out clean, the analysis is blind.
+
+The full sweep compiles every config in float32 and bfloat16 for sm_90 and sm_80, the default
+config in float16 and float64, 64-bit indexing per kernel, one AMD variant per kernel, and the
+fused residual + activation epilogue and SyncBatchNorm entry points where the launchers offer
+them. ``--quick`` (what tests/test_static_checks.py runs) keeps every config only for float32
+plain BatchNorm and the default config elsewhere.
+
+CLI: ``python perf/static_checks.py [--out FILE] [--json FILE] [--quick] [--check] [--no-amd]``.
 """
 
 from __future__ import annotations
@@ -346,7 +362,7 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
             kwargs.update(config.all_kwargs())
             config_label = _config_label(config)
         named = dict(zip(jit.arg_names, args))
-        for values in reversed(heuristics):
+        for values in heuristics:  # outermost first, as Heuristics.run applies them
             for name, rule in values.items():
                 kwargs[name] = rule({**named, **kwargs})
         signature, constexprs, attrs, options = _specialise(jit, args, kwargs, target)
@@ -427,11 +443,22 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
 
 
 def kernel_inventory() -> set[str]:
-    """Names of every kernel the kernels package defines (top-level ``_bn_*`` callables)."""
-    from tritonbn.kernels import backward, forward, running_stats
+    """Every kernel entry point of the kernels package: autotuned or heuristic-wrapped kernels,
+    and plain @triton.jit functions named ``_bn_*`` (helpers called from kernels are not)."""
+    import importlib
+    import pkgutil
 
-    return {name for module in (forward, backward, running_stats) for name in vars(module)
-            if name.startswith("_bn_") and callable(getattr(module, name))}
+    import triton
+    import tritonbn.kernels as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            wrapped = isinstance(value, (triton.runtime.autotuner.Autotuner, triton.runtime.autotuner.Heuristics))
+            if wrapped or (name.startswith("_bn_") and isinstance(value, triton.runtime.jit.JITFunction)):
+                found.add(name)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +681,7 @@ def _amd_analysis(compiled) -> dict:
     spills = sum(int(n) for n in re.findall(r"\.[sv]gpr_spill_count:\s*(\d+)", asm))
     waves = stat("Occupancy")
     return {
-        "regs": stat("NumVgprs"), "stack": 0, "local": stat("ScratchSize"), "spills": spills,
+        "regs": stat("TotalNumVgprs") or stat("NumVgprs"), "stack": 0, "local": stat("ScratchSize"), "spills": spills,
         "spills_in_loops": None,
         "shared": int(compiled.metadata.shared), "warps": compiled.metadata.num_warps,
         # gfx942 runs at most 8 waves per SIMD; the compiler's own estimate.

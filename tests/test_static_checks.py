@@ -188,8 +188,12 @@ def test_every_kernel_and_every_config_is_compiled(sweep):
             if family in sweep["config_labels"]:
                 compiled = {r["config"] for r in mine}
                 assert compiled == set(sweep["config_labels"][family]), (kernel, arch, compiled)
+    # Per-channel kernels read only ACC-typed statistics, so other input dtypes compile them to
+    # the float32 binaries (deduplicated); every activation kernel gets its own.
+    streaming = {r["kernel"] for r in results if r["family"] != "per_channel"}
     for dtype in ("bfloat16", "float16", "float64"):
-        assert {r["kernel"] for r in sweep["results"] if r["dtype"] == dtype} == set(sweep["inventory"]), dtype
+        compiled = {r["kernel"] for r in sweep["results"] if r["dtype"] == dtype}
+        assert streaming <= compiled, (dtype, streaming - compiled)
     int64 = {r["kernel"] for r in sweep["results"] if r["role"] == "int64"}
     assert int64 and all("INT64_INDEX" in r["flags"] for r in sweep["results"] if r["role"] == "int64")
 

@@ -8,6 +8,7 @@ implementation runs on a tensor) and ``kernels`` (the Triton kernels).
 from . import functional, kernels
 from .backend import backend_for
 from .convert import convert_model
+from .fuse import fuse_model
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNorm
 
@@ -24,5 +25,6 @@ __all__ = [
     "backend_for",
     "convert_model",
     "functional",
+    "fuse_model",
     "kernels",
 ]

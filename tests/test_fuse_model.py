@@ -1,0 +1,511 @@
+"""tritonbn.fuse_model: the torch.fx pass that turns BatchNorm(+add)+activation into BatchNormAct.
+
+The models are written here the way torchvision writes them (torchvision is not a test
+dependency): BasicBlock and Bottleneck with one shared in-place ReLU module, ``out +=
+identity`` and a downsample ``Sequential(conv, bn)``. Every comparison is against the same
+model unfused, run by torch, with the same initial weights.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, TOLERANCES, triton_ran
+from torch import fx, nn
+
+import tritonbn
+from tritonbn.modules import _BatchNormActMixin
+
+ATOL, RTOL = TOLERANCES[torch.float32]
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision's blocks, as torchvision writes them
+# ------------------------------------------------------------------------------------------
+
+
+def conv3x3(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes, out_planes, stride=1):
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+class TinyResNet(nn.Module):
+    """torchvision's ResNet with a block type per stage and few channels.
+
+    Stages: 2 BasicBlocks (no downsample), 1 BasicBlock with a downsample, 2 Bottlenecks
+    (the first with a downsample). Fusable: stem bn1+relu, 2 per BasicBlock, 3 per
+    Bottleneck = 1 + 6 + 6 = 13; the 2 downsample BatchNorms stay plain.
+    """
+
+    FUSED = 13
+    PLAIN = 2
+
+    def __init__(self, num_classes=5, width=4):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, width, 2)
+        self.layer2 = self._make_layer(BasicBlock, 2 * width, 1, stride=2)
+        self.layer3 = self._make_layer(Bottleneck, width, 2, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * Bottleneck.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                # Not torch's (1, 0): the affine parameters must matter in every comparison.
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.uniform_(m.bias, -0.5, 0.5)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+
+class MLP(nn.Module):
+    """Linear -> BatchNorm1d -> SiLU module, functional leaky_relu(0.2), and a residual SiLU."""
+
+    FUSED = 3
+
+    def __init__(self, features=6, hidden=8, num_classes=5):
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.bn1 = nn.BatchNorm1d(hidden)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.bn2 = nn.BatchNorm1d(hidden)
+        self.fc3 = nn.Linear(hidden, hidden)
+        self.bn3 = nn.BatchNorm1d(hidden)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.fc1(x)))
+        x = F.leaky_relu(self.bn2(self.fc2(x)), 0.2)
+        x = F.silu(x + self.bn3(self.fc3(x)))  # the residual on the left
+        return self.head(x)
+
+
+class Functional(nn.Module):
+    """The functional and method spellings: torch.add, F.relu_, Tensor.relu, F.leaky_relu_."""
+
+    FUSED = 4
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.bn4 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        y = F.relu_(torch.add(x, self.bn1(self.conv(x))))
+        y = self.bn2(self.conv(y)).relu()
+        y = F.leaky_relu_(self.bn3(self.conv(y)), 0.1)
+        y = torch.relu(self.bn4(self.conv(y)).add_(x))
+        return y
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow around a traceable child: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MLP()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.body(x)
+        return self.body(-x)
+
+
+def _fused(model):
+    return [m for m in model.modules() if isinstance(m, _BatchNormActMixin)]
+
+
+def _plain(model):
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _BatchNormActMixin)]
+
+
+def _pair(model_cls, seed=0):
+    """(reference, fused): the same initial weights, no shared tensors."""
+    torch.manual_seed(seed)
+    base = model_cls().to(DEVICE)
+    return copy.deepcopy(base), tritonbn.fuse_model(copy.deepcopy(base))
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+IMAGE = (2, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------
+# what is fused
+# ------------------------------------------------------------------------------------------
+
+
+def test_resnet_pattern_counts():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    fused = tritonbn.fuse_model(model)
+    assert isinstance(fused, fx.GraphModule)
+    assert len(_fused(fused)) == TinyResNet.FUSED
+    plain = dict((n, m) for n, m in fused.named_modules() if m in _plain(fused))
+    assert sorted(plain) == ["layer2.0.downsample.1", "layer3.0.downsample.1"]
+
+    acts = {n: (m.activation, type(m).__name__) for n, m in fused.named_modules() if isinstance(m, _BatchNormActMixin)}
+    assert acts["bn1"] == ("relu", "BatchNormAct2d")
+    for block in ("layer1.0", "layer1.1", "layer2.0"):
+        assert f"{block}.bn1" in acts and f"{block}.bn2" in acts
+    for block in ("layer3.0", "layer3.1"):
+        assert all(f"{block}.bn{i}" in acts for i in (1, 2, 3))
+
+    # bn3 + identity: the residual is the downsample output in layer3.0, the block input in layer3.1.
+    calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+    assert calls["layer3.0.bn3"].args[1] is calls["layer3.0.downsample.1"]
+    assert calls["layer3.1.bn3"].args[1] is calls["layer3.0.bn3"]
+    assert len(calls["layer3.1.bn1"].args) == 1
+    # No activation or add is left in the graph: every ReLU went into a BatchNormAct.
+    assert not [n for n in fused.graph.nodes if n.op == "call_module" and "relu" in n.target]
+    assert not [n for n in fused.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+
+    # The original model is untouched and shares every tensor.
+    assert len(_fused(model)) == 0 and len(_plain(model)) == TinyResNet.FUSED + TinyResNet.PLAIN
+    assert fused.layer3.get_submodule("1").bn3.weight is model.layer3[1].bn3.weight
+    assert fused.layer3.get_submodule("1").bn3.running_var is model.layer3[1].bn3.running_var
+
+
+def test_state_dict_keys_unchanged_and_loadable():
+    torch.manual_seed(0)
+    model = TinyResNet()
+    fused = tritonbn.fuse_model(copy.deepcopy(model))
+    assert set(fused.state_dict()) == set(model.state_dict())
+    # A torch checkpoint, with modified values, loads strictly and lands in the fused modules.
+    checkpoint = {k: v + 1 if v.is_floating_point() else v + 3 for k, v in model.state_dict().items()}
+    fused.load_state_dict(checkpoint, strict=True)
+    torch.testing.assert_close(fused.get_submodule("layer3.1.bn3").running_mean,
+                               checkpoint["layer3.1.bn3.running_mean"])
+    assert int(fused.get_submodule("bn1").num_batches_tracked) == 3
+    # And back: the fused model's state_dict loads into a plain torch model.
+    TinyResNet().load_state_dict(fused.state_dict(), strict=True)
+
+
+def test_tritonbn_batchnorm_is_fused_too():
+    torch.manual_seed(0)
+    model = tritonbn.convert_model(TinyResNet())
+    fused = tritonbn.fuse_model(model)
+    assert len(_fused(fused)) == TinyResNet.FUSED
+    assert all(type(m) is tritonbn.BatchNorm2d for m in _plain(fused))
+
+
+def test_functional_spellings():
+    torch.manual_seed(0)
+    mlp = tritonbn.fuse_model(MLP())
+    assert {(m.activation, m.negative_slope) for m in _fused(mlp)} == {("silu", 0.01), ("leaky_relu", 0.2)}
+    assert len(_fused(mlp)) == MLP.FUSED and not _plain(mlp)
+    assert type(mlp.bn1) is tritonbn.BatchNormAct1d
+    func = tritonbn.fuse_model(Functional())
+    assert len(_fused(func)) == Functional.FUSED and not _plain(func)
+    assert func.bn3.activation == "leaky_relu" and func.bn3.negative_slope == 0.1
+
+
+class _NotFusable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn_two_users = nn.BatchNorm2d(4)
+        self.bn_shared = nn.BatchNorm2d(4)
+        self.bn_sigmoid = nn.BatchNorm2d(4)
+        self.bn_no_act = nn.BatchNorm2d(4)
+        self.bn_iadd_target = nn.BatchNorm2d(4)
+        self.bn_broadcast = nn.BatchNorm2d(4)
+        self.bn_written = nn.BatchNorm2d(4)
+        self.sync = nn.SyncBatchNorm(4)
+        self.scale = nn.Parameter(torch.ones(4, 1, 1))
+        self.unused = nn.BatchNorm2d(4)  # never called: its state must survive the GraphModule
+
+    def forward(self, x):
+        y = self.bn_two_users(x)
+        a = F.relu(y) + y
+        b = F.relu(self.bn_shared(x)) + F.relu(self.bn_shared(a))
+        c = torch.sigmoid(self.bn_sigmoid(b))
+        d = self.bn_no_act(c) + x
+        e = x.clone()
+        h = F.relu(e.add_(self.bn_iadd_target(d)))  # e is the residual and is written: not fused
+        f = F.relu(self.bn_broadcast(e + h) + self.scale)  # a broadcast Parameter: not a residual
+        g = self.bn_written(f)
+        f.mul_(2)  # writes the BatchNorm's input before the activation would read it
+        return F.relu(self.sync(F.relu(g)))
+
+
+def test_not_fused():
+    model = _NotFusable()
+    fused = tritonbn.fuse_model(model)
+    assert fused is model  # nothing matched: the model itself comes back
+    assert not _fused(fused)
+
+
+def test_fused_graph_keeps_unused_state():
+    class WithUnused(_NotFusable):
+        def forward(self, x):
+            return F.relu(self.bn_sigmoid(x)) * self.scale
+
+    model = WithUnused()
+    fused = tritonbn.fuse_model(model)
+    assert isinstance(fused, fx.GraphModule) and len(_fused(fused)) == 1
+    assert set(fused.state_dict()) == set(model.state_dict())
+    fused.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_refusing_twice_changes_nothing():
+    torch.manual_seed(0)
+    fused = tritonbn.fuse_model(TinyResNet())
+    assert tritonbn.fuse_model(fused) is fused
+
+
+# ------------------------------------------------------------------------------------------
+# numbers: eval, train, SGD steps
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_cls, shape", [(TinyResNet, IMAGE), (MLP, (8, 6)), (Functional, (2, 4, 5, 5))],
+                         ids=["resnet", "mlp", "functional"])
+def test_outputs_match_train_and_eval(model_cls, shape):
+    ref, fused = _pair(model_cls)
+    for training in (True, False):
+        ref.train(training)
+        fused.train(training)
+        assert all(m.training == training for m in _fused(fused))
+        x = torch.randn(shape, device=DEVICE)
+        x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with triton_ran(len(_fused(fused))):
+            out = fused(x_fused)
+        expected = ref(x_ref)
+        _close(out, expected, f"output, training={training}")
+        grad = torch.randn_like(expected)
+        with triton_ran():
+            out.backward(grad)
+        expected.backward(grad)
+        _close(x_fused.grad, x_ref.grad, f"x.grad, training={training}")
+        fused_params = dict(fused.named_parameters())
+        for name, p_ref in ref.named_parameters():
+            _close(fused_params[name].grad, p_ref.grad, f"{name}.grad, training={training}")
+        fused_state = fused.state_dict()
+        for name, b_ref in ref.state_dict().items():
+            _close(fused_state[name], b_ref, f"{name}, training={training}")
+        ref.zero_grad()
+        fused.zero_grad()
+
+
+@pytest.mark.parametrize("model_cls, shape", [(TinyResNet, IMAGE), (MLP, (8, 6))], ids=["resnet", "mlp"])
+def test_sgd_steps_match(model_cls, shape):
+    ref, fused = _pair(model_cls, seed=1)
+    ref.train()
+    fused.train()
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt_fused = torch.optim.SGD(fused.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x = torch.randn(shape, generator=generator).to(DEVICE)
+        target = torch.randint(0, 5, (shape[0],), generator=generator).to(DEVICE)
+        losses = []
+        for model, opt in ((ref, opt_ref), (fused, opt_fused)):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        _close(losses[1], losses[0], f"loss at step {step}")
+    ref_state = ref.state_dict()
+    for name, value in fused.state_dict().items():
+        _close(value, ref_state[name], f"{name} after 3 steps")  # parameters, running stats, counts
+
+
+# ------------------------------------------------------------------------------------------
+# untraceable models
+# ------------------------------------------------------------------------------------------
+
+
+def test_untraceable_model_fuses_its_children():
+    torch.manual_seed(0)
+    model = Gated().to(DEVICE)
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"cannot trace the model \(Gated\).*TraceError") as record:
+        fused = tritonbn.fuse_model(model)
+    assert record[0].filename == __file__  # points at the caller
+    assert type(fused) is Gated and fused is not model
+    assert isinstance(fused.body, fx.GraphModule) and len(_fused(fused)) == MLP.FUSED
+    assert type(model.body) is MLP and not _fused(model)  # the caller's model is untouched
+    assert fused.body.bn1.weight is model.body.bn1.weight
+
+    x = torch.randn(8, 6, device=DEVICE)
+    with triton_ran(MLP.FUSED):
+        out = fused(x)
+    _close(out, reference(x), "output")
+
+
+def test_untraceable_submodule_warning_names_it():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU())
+            self.gate = Gated()
+
+        def forward(self, x):
+            return self.gate(self.stem(x))
+
+    model = Outer()
+    # The whole model does not trace (its child does not); its own children are fused,
+    # and the warning names each untraceable level.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fused = tritonbn.fuse_model(model)
+    messages = [str(w.message) for w in record]
+    assert any("the model (Outer)" in m for m in messages)
+    assert any("submodule 'gate' (Gated)" in m for m in messages)
+    assert all(w.filename == __file__ for w in record)
+    assert len(_fused(fused)) == 1 + MLP.FUSED
+
+
+# ------------------------------------------------------------------------------------------
+# memory: what autograd saves
+# ------------------------------------------------------------------------------------------
+
+
+def _saved_storages(module, x):
+    """Unique storages (data_ptr -> nbytes) autograd saves in module(x), parameters excluded."""
+    params = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return saved
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+def test_fused_block_saves_no_more_than_torch(downsample):
+    torch.manual_seed(0)
+    inplanes = 8 if downsample else 16
+    down = nn.Sequential(conv1x1(inplanes, 16), nn.BatchNorm2d(16)) if downsample else None
+    block = Bottleneck(inplanes, 4, downsample=down).train().to(DEVICE)
+    fused = tritonbn.fuse_model(copy.deepcopy(block))
+    x = torch.randn(2, inplanes, 6, 6, device=DEVICE, requires_grad=True)
+    torch_saved = _saved_storages(block, x)
+    with triton_ran(3):
+        fused_saved = _saved_storages(fused, x)
+    big = lambda saved: {p: n for p, n in saved.items() if n >= 2 * 6 * 6 * 4}  # activations, not [C] stats
+    # torch: x, bn1..3 inputs, relu1 and relu2 outputs (= conv2/conv3 inputs), relu3's output
+    # (aliasing bn3's output), and with a downsample its BatchNorm's input.
+    # fused: the same minus relu3's output; plus, with a downsample, the residual it references.
+    assert len(big(torch_saved)) == 7 + downsample
+    assert len(big(fused_saved)) == 6 + 2 * downsample
+    assert len(big(fused_saved)) <= len(big(torch_saved))
+    assert sum(big(fused_saved).values()) <= sum(big(torch_saved).values())
