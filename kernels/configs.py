@@ -13,8 +13,8 @@ Two kinds of choices live here:
 Environment switches:
 
 * ``TRITONBN_AUTOTUNE=0`` disables tuning: every kernel runs its default config.
-* ``TRITONBN_AUTOTUNE_CACHE=0`` keeps tuned configs in memory only (default: on disk, in
-  Triton's cache directory, so a later process reuses them).
+* ``TRITONBN_AUTOTUNE_CACHE=0`` keeps tuned configs in memory only (default: on disk, see
+  tuning_cache.py, so a later process reuses them; ``TRITONBN_CACHE_DIR`` moves the files).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 
 import triton
+
+from .tuning_cache import DiskCachedAutotuner
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("TRITONBN_AUTOTUNE", "1") != "0" and not INTERPRETER
@@ -134,12 +136,16 @@ def autotune(kind: str, key: list[str]):
     Only kernels without in-place side effects are tuned: a trial run rewrites the same
     fresh outputs, never the running statistics.
     """
-    return triton.autotune(
-        configs=configs(kind),
-        key=key,
-        prune_configs_by={"early_config_prune": prune_configs},
-        cache_results=AUTOTUNE_DISK_CACHE,
-    )
+    tune = triton.autotune(configs=configs(kind), key=key, prune_configs_by={"early_config_prune": prune_configs})
+
+    def decorate(fn):
+        tuner = tune(fn)
+        if AUTOTUNE_DISK_CACHE:
+            # Our disk cache instead of Triton's cache_results, which crashes on a corrupt file.
+            tuner.__class__ = DiskCachedAutotuner
+        return tuner
+
+    return decorate
 
 
 def size_bucket(n: int) -> int:
