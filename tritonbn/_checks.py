@@ -19,11 +19,16 @@ ACTIVATIONS = {
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
+_TORCH_DTYPE_NAMES = {
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
-    # torch's own spelling in "not implemented for 'Long'"
-    return {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
-            torch.uint8: "Byte", torch.bool: "Bool", torch.complex32: "ComplexHalf",
-            torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}.get(dtype, str(dtype).replace("torch.", ""))
+    """torch's own spelling, as in "not implemented for 'Long'"."""
+    return _TORCH_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def verify_batch_size(size: torch.Size) -> None:
