@@ -312,12 +312,16 @@ def _flags_label(kwargs: dict) -> str:
 
 def _specialise(jit, args: tuple, kwargs: dict, target: tuple):
     """Signature, constexprs, attrs and options exactly as JITFunction.run builds them."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     backend = make_backend(GPUTarget(*target))
-    kwargs = dict(kwargs, debug=False, instrumentation_mode="", fpsan_homomorphic_casts=False)
+    # The options JITFunction.run adds before binding (kernels here set no debug of their own).
+    kwargs = dict(kwargs, debug=bool(jit.debug or knobs.runtime.debug),
+                  instrumentation_mode=knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
@@ -449,6 +453,7 @@ def kernel_inventory() -> set[str]:
     import pkgutil
 
     import triton
+
     import tritonbn.kernels as package
 
     found = set()
@@ -850,8 +855,8 @@ def _kernel_summary(results: list[dict]) -> list[str]:
         widths = sorted({bits for r in group for bits in r["hot"]["ld"]}, key=int, reverse=True)
         width_text = ", ".join(f"{bits}b" for bits in widths) or "-"
         spilled = [r for r in group if r["local"] or r["stack"] or r["spills"]]
-        spill_text = "; ".join(f"{r['arch']} {r['dtype']} {r['config']}: {_local_text(r)}"
-                               for r in spilled) or "none"
+        spill_text = "; ".join(sorted({f"{r['arch']} {r['dtype']} {r['config']}: {_local_text(r)}"
+                                       for r in spilled})) or "none"
         out.append(f"| {kernel} | {len(group)} | {min(regs)}-{max(regs)} | {worst_text} | {width_text} | "
                    f"{spill_text} |")
     return out
@@ -899,7 +904,7 @@ def render_markdown(results: list[dict], header: str) -> str:
         out.append("Every hot-loop load and store of every CUDA variant is 128-bit.")
     out.append("")
     for r in failing:
-        out.append(f"- **{r['kernel']} {r['dtype']} {r['arch']} {r['config']} {r['flags']}**: "
+        out.append(f"- **{r['kernel']} {r['dtype']} {r['arch']} {r['config']} {r['flags']} ({r['route']})**: "
                    + "; ".join(problems(r)))
     if not failing:
         out.append("No variant fails a check.")
@@ -932,10 +937,9 @@ def report_header(date: str | None = None) -> str:
             f"ahead-of-time compile for CUDA sm_90/sm_80 and AMD {AMD_ARCH}; nothing here ran on a GPU.")
 
 
-def run_subprocess(argv: list[str], timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_subprocess(argv: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """Run this CLI in a fresh interpreter without TRITON_INTERPRET (for tests that set it)."""
-    env = {k: v for k, v in (os.environ if env is None else env).items()
-           if k not in ("TRITON_INTERPRET", "TRITONBN_AUTOTUNE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONBN_AUTOTUNE")}
     return subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -945,8 +949,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write every result as JSON here")
     parser.add_argument("--quick", action="store_true",
-                        help="the test suite's subset: every config in float32 (sm_90, sm_80), default "
-                             "config elsewhere, one AMD variant per config family")
+                        help="the test suite's subset: every config for float32 plain BatchNorm on sm_90 "
+                             "and sm_80; the default config for the fused epilogue and SyncBatchNorm "
+                             "variants and the other dtypes (sm_90); one AMD variant per config family")
     parser.add_argument("--no-amd", action="store_true", help="skip the AMD gfx942 compiles")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--date", help="date for the report header (default: today)")

@@ -3,7 +3,9 @@
 The models are written here the way torchvision writes them (torchvision is not a test
 dependency): BasicBlock and Bottleneck with one shared in-place ReLU module, ``out +=
 identity`` and a downsample ``Sequential(conv, bn)``. Every comparison is against the same
-model unfused, run by torch, with the same initial weights.
+model unfused, run by torch, with the same initial weights: outputs and running statistics
+directly (float32 tolerance), gradients and trained weights through their distance to a
+float64 torch run (see ``_as_accurate``).
 """
 
 import contextlib
