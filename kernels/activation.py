@@ -3,14 +3,15 @@
     z = BN(x) + residual
     y = act(z)            act in {identity, relu, silu, leaky_relu(slope)}
 
-Backward needs act'(z); z is recomputed from x, the saved statistics, the affine parameters
-and the residual, so no activation is stored for backward.
+Backward needs act'(z): for relu and leaky_relu only the sign of z, read off the output y;
+for silu, z itself, recomputed from x, the saved statistics, the affine parameters and the
+residual. No mask or pre-activation is stored.
 """
 
 import triton
 import triton.language as tl
 
-# Values of the ACTIVATION constexpr (tritonbn/_act.py maps names to them).
+# Values of the ACTIVATION constexpr (tritonbn/_checks.py's ACTIVATIONS maps names to them).
 NONE = 0
 RELU = 1
 SILU = 2

@@ -27,16 +27,25 @@ from .configs import autotune
 
 @triton.jit
 def _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
-                   HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACC: tl.constexpr):
-    """x and dz at offset. Masked lanes give dy = 0, hence dz = 0: they add to no sum."""
+                   HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
+                   ACC: tl.constexpr):
+    """x and dz at offset. Masked lanes give dy = 0, hence dz = 0: they add to no sum.
+
+    R_IS_OUTPUT: R holds the forward's output y. For relu and leaky_relu (slope > 0) the sign
+    of y is the sign of z, which is all act' needs, and y is usually kept alive anyway (the
+    next layer saves it), whereas holding the residual could keep an extra tensor alive.
+    """
     x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)
     if ACTIVATION != 0:
-        # The forward's own operation order, so the recomputed z has the forward's bits and
-        # act'(z) agrees with the output the forward wrote, even at z = 0.
-        z = (x - mean) * (rstd * w) + b
-        if HAS_RESIDUAL:
-            z += tl.load(R + offset, mask=mask, other=0.0).to(ACC)
+        if R_IS_OUTPUT:
+            z = tl.load(R + offset, mask=mask, other=0.0).to(ACC)
+        else:
+            # The forward's own operation order, so the recomputed z has the forward's bits and
+            # act'(z) agrees with the output the forward wrote, even at z = 0.
+            z = (x - mean) * (rstd * w) + b
+            if HAS_RESIDUAL:
+                z += tl.load(R + offset, mask=mask, other=0.0).to(ACC)
         dz = activation_grad(z, dz, slope, ACTIVATION)
     return x, dz
 
@@ -90,19 +99,24 @@ def _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c,
 
 @triton.jit
 def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd, w, b, slope,
-                      HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
                       ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """(sum dz, sum dz * xhat) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
-    sum_dz = tl.zeros([BLOCK_N, BLOCK_S], ACC)
-    sum_dz_xmu = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    # Accumulators one row wide: a full [BLOCK_N, BLOCK_S] pair doubles the registers of the
+    # tile and made ptxas spill on sm_80.
+    sum_dz = tl.zeros([BLOCK_S], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
         for s0 in range(s_begin, s_end, BLOCK_S):
             offset, mask = _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
-            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
-            sum_dz += dz
-            sum_dz_xmu += dz * (x - mean)
-    return tl.sum(sum_dz), tl.sum(sum_dz_xmu) * rstd
+            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
+                                   HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+            sum_dz += tl.sum(dz, axis=0)
+            sum_dz_xmu += tl.sum(dz * (x - mean), axis=0)
+    # Not yet multiplied by rstd: callers reload rstd after the loop, so that (without a fused
+    # activation) nothing but the accumulators lives across it (ptxas spilled rstd on sm_80).
+    return tl.sum(sum_dz), tl.sum(sum_dz_xmu)
 
 
 @autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
@@ -115,8 +129,8 @@ def _bn_bwd_reduce_ncs(
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, split_n, split_s,
     slope,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: C * split_n * split_s programs, as in the forward statistics kernel.
@@ -129,11 +143,11 @@ def _bn_bwd_reduce_ncs(
     n_end = tl.minimum(n_begin + n_chunk, N)
     s_end = tl.minimum(s_begin + s_chunk, S)
     w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xhat = _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
-                                            tl.load(Mean + c), tl.load(Rstd + c), w, b, slope,
-                                            HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+                                           tl.load(Mean + c), tl.load(Rstd + c), w, b, slope,
+                                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
     tl.store(PartSumDy + part * C + c, sum_dz)
-    tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat)
+    tl.store(PartSumDyXhat + part * C + c, sum_dz_xmu * tl.load(Rstd + c))
 
 
 @autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
@@ -148,7 +162,7 @@ def _bn_bwd_fused_ncs(
     inv_count,  # 1 / (N * S)
     slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -157,15 +171,17 @@ def _bn_bwd_fused_ncs(
     mean = tl.load(Mean + c)
     rstd = tl.load(Rstd + c)
     w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xhat = _ncs_channel_sums(X, DY, R, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b, slope,
-                                            HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b, slope,
+                                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    sum_dz_xhat = sum_dz_xmu * rstd
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty))
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty))
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
             offset, mask = _ncs_offsets(c, n0, s0, N, S, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
-            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+            x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
+                                   HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
             _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift,
                               TRAINING, WRITE_DR)
 
@@ -181,7 +197,7 @@ def _bn_bwd_dx_ncs(
     s_chunk, n_bucket,  # s_chunk = S; n_bucket: autotune key only
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -202,7 +218,7 @@ def _bn_bwd_dx_ncs(
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = _ncs_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S, stride_n, stride_c,
                                 INT64_INDEX, BLOCK_N, BLOCK_S)
-    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
     _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift, TRAINING, WRITE_DR)
 
 
@@ -221,18 +237,18 @@ def _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr, BLO
 
 @triton.jit
 def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
-                       HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    sum_dz = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    sum_dz_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_dz = tl.zeros([BLOCK_C], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offset, mask = _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
-                               HAS_RESIDUAL, ACTIVATION, ACC)
-        sum_dz += dz
-        sum_dz_xmu += dz * (x - mean[None, :])
-    return tl.sum(sum_dz, axis=0), tl.sum(sum_dz_xmu, axis=0) * rstd
+                               HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+        sum_dz += tl.sum(dz, axis=0)
+        sum_dz_xmu += tl.sum(dz * (x - mean[None, :]), axis=0)
+    return sum_dz, sum_dz_xmu * rstd
 
 
 @autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC", "ACTIVATION"])
@@ -245,8 +261,8 @@ def _bn_bwd_reduce_rows(
     M, C, stride_m,
     m_chunk, split_m, c_bucket,
     slope,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: cdiv(C, BLOCK_C) * split_m programs.
@@ -260,7 +276,7 @@ def _bn_bwd_reduce_rows(
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
     w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
-                                             HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+                                             HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     tl.store(PartSumDy + part * C + c, sum_dz, mask=c_mask)
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat, mask=c_mask)
 
@@ -276,7 +292,7 @@ def _bn_bwd_fused_rows(
     m_chunk, c_bucket,  # m_chunk = M
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -287,14 +303,14 @@ def _bn_bwd_fused_rows(
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
     w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, 0, M, stride_m, mean, rstd, w, b, slope,
-                                             HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+                                             HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty), mask=c_mask)
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty), mask=c_mask)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for m0 in range(0, M, BLOCK_M):
         offset, mask = _rows_offsets(c, c_mask, m0, M, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
-                               HAS_RESIDUAL, ACTIVATION, ACC)
+                               HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
         _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
                           xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 
@@ -310,7 +326,7 @@ def _bn_bwd_dx_rows(
     m_bucket, c_bucket,  # autotune keys only
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -330,7 +346,7 @@ def _bn_bwd_dx_rows(
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = _rows_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
     x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
-                           HAS_RESIDUAL, ACTIVATION, ACC)
+                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
     _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
                       xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 

@@ -257,11 +257,13 @@ def backward(
     activation: int = 0,
     slope: float = 0.0,
     residual_grad: bool = False,
+    residual_is_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual); the last three are empty when not asked for.
 
     bias and residual are needed only to recompute the pre-activation z when an activation
-    is fused.
+    is fused; with ``residual_is_output`` the ``residual`` argument is the forward's output,
+    whose sign gives relu's and leaky_relu's mask.
     """
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
@@ -276,7 +278,7 @@ def backward(
     w, b, flags = _affine(weight, bias, mean)
     r = like_layout(residual, x) if residual is not None else dx
     meta = {**_common_meta(x, view), **flags, "TRAINING": training, "ACTIVATION": activation,
-            "HAS_RESIDUAL": residual is not None, "WRITE_DR": residual_grad}
+            "HAS_RESIDUAL": residual is not None, "R_IS_OUTPUT": residual_is_output, "WRITE_DR": residual_grad}
     inv_count = 1.0 / view.m
     dr = dresidual if residual_grad else dx
     if not training and not param_grads:
@@ -290,7 +292,7 @@ def backward(
 def _plain_backward_meta(x, view, weight):
     w, b, flags = _affine(weight, None, x.new_empty(0))
     meta = {**_common_meta(x, view), **flags, "TRAINING": True, "ACTIVATION": 0, "HAS_RESIDUAL": False,
-            "WRITE_DR": False}
+            "R_IS_OUTPUT": False, "WRITE_DR": False}
     return w, b, meta
 
 

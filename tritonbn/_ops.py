@@ -12,8 +12,9 @@ on an op that mutates an input; keeping the differentiable op pure also means au
 and recomputation can never apply the update twice. Each op has a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces through without a graph break.
 
-Backward saves x, the parameters, the statistics and (with a fused activation) a reference
-to the residual: never the output or a mask, so a fused activation adds no stored tensor.
+Backward saves x, the parameters and the statistics; with a fused activation also the output
+(relu, leaky_relu: its sign is the mask) or the residual (silu: z is recomputed). No mask or
+pre-activation tensor is ever stored.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
+from ._checks import ACTIVATIONS
 from ._layout import canonical_input
 
 
@@ -64,14 +66,15 @@ def batch_norm_bwd(
     activation: int,
     slope: float,
     residual_grad: bool,
+    residual_is_output: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _launch.backward(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
-                            residual, activation, slope, residual_grad)
+                            residual, activation, slope, residual_grad, residual_is_output)
 
 
 @batch_norm_bwd.register_fake
 def _batch_norm_bwd_fake(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
-                         residual, activation, slope, residual_grad):
+                         residual, activation, slope, residual_grad, residual_is_output):
     dense, _ = canonical_input(input)
     size = input.shape[1] if (param_grads or training) else 0
     grads = input.new_empty(size, dtype=param_dtype)
@@ -99,9 +102,14 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, _, _, training, _, residual, activation, slope = inputs
-    _, mean, rstd, _ = output
-    # The residual is only read back when an activation follows the add.
-    ctx.save_for_backward(input, weight, bias, mean, rstd, residual if activation else None)
+    y, mean, rstd, _ = output
+    # act'(z) needs z's sign only for relu and leaky_relu (slope > 0): the output has it, and
+    # the next layer keeps the output alive anyway. Holding the residual instead could keep a
+    # tensor alive that torch would free (a downsample branch's output). silu needs z itself,
+    # recomputed from x and the residual.
+    ctx.mask_from_output = activation == ACTIVATIONS["relu"] or (activation == ACTIVATIONS["leaky_relu"] and slope > 0)
+    kept = y if ctx.mask_from_output else (residual if activation else None)
+    ctx.save_for_backward(input, weight, bias, mean, rstd, kept)
     ctx.training = training
     ctx.activation = activation
     ctx.slope = slope
@@ -111,14 +119,14 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
-    input, weight, bias, mean, rstd, residual = ctx.saved_tensors
+    input, weight, bias, mean, rstd, kept = ctx.saved_tensors
     needs = ctx.needs_input_grad
     needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[7]
     if grad_output is None:
         grad_output = torch.zeros_like(input)
     grad_input, grad_weight, grad_bias, grad_residual = torch.ops.tritonbn.batch_norm_bwd(
         grad_output, input, weight, bias, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype,
-        residual, ctx.activation, ctx.slope, bool(needs_residual and ctx.has_residual),
+        kept, ctx.activation, ctx.slope, bool(needs_residual and ctx.has_residual), ctx.mask_from_output,
     )
     return (
         grad_input if needs_input else None,
