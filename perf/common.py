@@ -12,6 +12,14 @@ from pathlib import Path
 
 MODES = ("forward-train", "backward", "forward+backward", "eval")
 PROVIDERS = ("tritonbn", "torch", "torch.compile")
+# What a row measures (the CSV's `op` column). batch_norm: BatchNorm alone, each provider's
+# own. The fused ops: tritonbn's batch_norm_act (one kernel) against torch's unfused sequence
+# as torchvision writes it (F.batch_norm, `out += residual`, relu in place), eager and compiled.
+BATCH_NORM = "batch_norm"
+FUSED_OPS = ("bn_relu", "bn_add_relu")
+OPS = (BATCH_NORM, *FUSED_OPS)
+FUSED_MODES = ("forward-train", "backward", "forward+backward")  # no eval for the fused ops
+OP_TITLES = {BATCH_NORM: "BatchNorm", "bn_relu": "BN+ReLU", "bn_add_relu": "BN+add+ReLU"}
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "channels_last")
 COPY = "copy"  # provider and mode of the one device-to-device copy row
@@ -37,6 +45,27 @@ BYTES = {
     "eval": 2,  # running statistics are given: read x, write y
 }
 
+# The fused ops, per version: "fused" is one BatchNorm + epilogue (tritonbn's batch_norm_act),
+# "unfused" torch's three ops, each a round trip through memory. Same units, same two-pass
+# convention as BYTES. Forward, fused: the statistics pass reads x; the normalise pass reads x
+# (and the residual) and writes y. Forward, unfused: BatchNorm 3 (as above), `out +=
+# residual` 3 (read out and the residual, write out), relu_ 2 (read, write in place).
+# Backward, fused (kernels/backward.py, relu: the mask is the sign of the saved output y): the
+# reduce pass reads x, dy and y; the dx pass reads x, dy and y again and writes dx, and with a
+# residual also dresidual (= dz, a tensor of its own). Backward, unfused: relu's backward
+# reads y and dy and writes dz (3); the add's backward hands that same dz to both branches
+# (no copy, 0); BatchNorm's backward 5 (as above).
+FUSED_BYTES = {
+    ("bn_relu", "fused"): {"forward-train": 3, "backward": 3 + 4, "forward+backward": 3 + 7},
+    ("bn_relu", "unfused"): {"forward-train": 3 + 2, "backward": 3 + 5, "forward+backward": 5 + 8},
+    ("bn_add_relu", "fused"): {"forward-train": 4, "backward": 3 + 5, "forward+backward": 4 + 8},
+    ("bn_add_relu", "unfused"): {"forward-train": 3 + 3 + 2, "backward": 3 + 0 + 5, "forward+backward": 8 + 8},
+}
+# Whose bytes a provider's rows of a fused op are scored against. torch.compile gets the fused
+# model: Inductor fuses the add and the relu into its own normalise kernel (and can do no
+# better than one BatchNorm plus epilogue), so that is the least it must move.
+FUSED_VERSION = {"tritonbn": "fused", "torch": "unfused", "torch.compile": "fused"}
+
 # One CSV, long format: a row per (provider, mode, dtype, layout, shape), plus one copy row.
 COLUMNS = (
     "provider", "mode", "dtype", "layout", "shape", "shape_name", "layers",
@@ -45,6 +74,10 @@ COLUMNS = (
     # Beyond the core schema: tritonbn's kernel route, the correctness check against eager
     # torch (tritonbn rows only), and whether the row is a measurement or a smoke run.
     "route", "max_abs_err", "check", "label",
+    # What was measured (OPS; the copy row: COPY). Last, so that a reader by position still
+    # finds the older columns where they were; read_rows gives rows of an older CSV, which
+    # lacks it, op batch_norm.
+    "op",
 )
 
 # Targets of the project (perf/notes.md): tritonbn over eager torch and torch.compile.
@@ -55,15 +88,48 @@ TARGET_EVAL_COPY_FRACTION = 0.95
 # Eval bandwidth is judged on shapes that move at least this much: small ones are launch-bound
 # and can never approach the copy bandwidth.
 EVAL_TARGET_MIN_BYTES = 256 * 2**20
+# The fused ops (issue: "at least 1.5x the unfused torch sequence on ResNet-50 shapes"):
+# geomean of tritonbn's fused op over eager torch's unfused sequence, every fused row on a
+# ResNet-50 shape (both ops, every mode, dtype and layout).
+TARGET_FUSED_GEOMEAN_VS_EAGER = 1.5
+# How many of ResNet-50's 53 BatchNorm layers each fused op replaces (perf/shapes.py checks):
+# bn1 and every block's bn1 and bn2 are followed by a ReLU, every block's bn3 by the residual
+# add and a ReLU; the 4 downsample BatchNorms stay plain.
+RESNET50_FUSED_LAYERS = {"bn_relu": 33, "bn_add_relu": 16}
 
 
-def bytes_model(mode: str, numel: int, element_size: int) -> int:
-    return BYTES[mode] * numel * element_size
+def bytes_units(mode: str, op: str = BATCH_NORM, provider: str = "tritonbn") -> int:
+    """The bytes model of one row in units of E * s: BYTES, or FUSED_BYTES for the provider's version."""
+    if op == BATCH_NORM:
+        return BYTES[mode]
+    return FUSED_BYTES[(op, FUSED_VERSION[provider])][mode]
+
+
+def bytes_model(mode: str, numel: int, element_size: int, op: str = BATCH_NORM, provider: str = "tritonbn") -> int:
+    return bytes_units(mode, op, provider) * numel * element_size
+
+
+def bytes_bound(op: str, mode: str) -> float:
+    """Unfused over fused bytes: the fused op's speedup if both ran at the same bandwidth."""
+    if op == BATCH_NORM:
+        return 1.0
+    return FUSED_BYTES[(op, "unfused")][mode] / FUSED_BYTES[(op, "fused")][mode]
+
+
+def op_of(row: dict) -> str:
+    """A row's op; rows of a CSV written before the op column get batch_norm (the copy row: COPY)."""
+    op = row.get("op") or ""
+    if op:
+        return op
+    return COPY if row.get("provider") == COPY else BATCH_NORM
 
 
 def read_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["op"] = op_of(row)
+    return rows
 
 
 def as_float(value: str | float | None) -> float:
@@ -73,11 +139,13 @@ def as_float(value: str | float | None) -> float:
         return math.nan
 
 
-def latest(rows: list[dict]) -> dict[tuple, dict]:
-    """The last row of each (device, provider, mode, dtype, layout, shape_name): resumed runs append."""
+def latest(rows: list[dict], op: str = BATCH_NORM) -> dict[tuple, dict]:
+    """The last row of each (device, provider, mode, dtype, layout, shape_name) of one op, and
+    the copy rows: resumed runs append."""
     table = {}
     for row in rows:
-        table[(row["device"], row["provider"], row["mode"], row["dtype"], row["layout"], row["shape_name"])] = row
+        if op_of(row) in (op, COPY):
+            table[(row["device"], row["provider"], row["mode"], row["dtype"], row["layout"], row["shape_name"])] = row
     return table
 
 
@@ -92,13 +160,14 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in good) / len(good)) if good else math.nan
 
 
-def speedups(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+def speedups(rows: list[dict], op: str = BATCH_NORM) -> dict[tuple[str, str, str], list[dict]]:
     """Per (mode, dtype, layout): one entry per shape with tritonbn's speedup over each baseline.
 
     Speedup = baseline p50 / tritonbn p50 (above 1 is tritonbn faster); NaN where a
-    provider has no timing.
+    provider has no timing. For a fused op the baselines are torch's unfused sequence, eager
+    ("torch") and compiled.
     """
-    table = latest(rows)
+    table = latest(rows, op)
     out: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
     for (device, provider, mode, dtype, layout, shape_name), row in table.items():
         if provider != "tritonbn":
@@ -110,6 +179,7 @@ def speedups(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
             return as_float(base["ms_p50"]) / ours if base and ours > 0 else math.nan
 
         out[(mode, dtype, layout)].append({
+            "op": op,
             "shape_name": shape_name,
             "shape": row["shape"],
             "layers": int(as_float(row["layers"])) if math.isfinite(as_float(row["layers"])) else 1,
@@ -131,8 +201,26 @@ def _fmt(x: float, spec: str = "", suffix: str = "x") -> str:
     return f"{x:{spec or ('.2f' if abs(x) >= 0.1 else '.2g')}}{suffix}"
 
 
+def _rank(values: tuple[str, ...], value: str) -> int:
+    return values.index(value) if value in values else len(values)
+
+
+def _rn50_net(entries: list[dict], layers_total: int) -> float:
+    """ResNet-50's total time of this op, eager over tritonbn, each shape weighted by its layer
+    count; NaN unless every layer was measured (a run cut short by its time budget has fewer)."""
+    rn50 = [e for e in entries if e["shape_name"].startswith("rn50-")]
+    eager_total = sum(e["layers"] * e["eager_ms"] for e in rn50)
+    ours_total = sum(e["layers"] * e["ms"] for e in rn50)
+    complete = sum(e["layers"] for e in rn50) == layers_total
+    return eager_total / ours_total if complete and ours_total > 0 else math.nan
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
-    """The summary table: geomean speedups per mode/dtype/layout, the worst shape, the targets."""
+    """The summary table: geomean speedups per mode/dtype/layout, the worst shape, the targets.
+
+    BatchNorm first; then, when the CSV has them, the fused ops against torch's unfused
+    sequence; the targets last.
+    """
     smoke = any(r["device"] == SMOKE_DEVICE for r in rows)
     devices = sorted({r["device"] for r in rows})
     bandwidth = copy_gbps(rows)
@@ -146,10 +234,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
     every_shape_ok = True
     all_eager, all_compile, eval_fractions = [], [], []
     table = speedups(rows)
-    def rank(values: tuple[str, ...], value: str) -> int:
-        return values.index(value) if value in values else len(values)
-
-    for key in sorted(table, key=lambda k: (rank(MODES, k[0]), rank(DTYPES, k[1]), rank(LAYOUTS, k[2]))):
+    for key in sorted(table, key=lambda k: (_rank(MODES, k[0]), _rank(DTYPES, k[1]), _rank(LAYOUTS, k[2]))):
         mode, dtype, layout = key
         entries = table[key]
         eager = [e["vs_eager"] for e in entries]
@@ -161,12 +246,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         if worst is not None and worst["vs_eager"] < TARGET_EVERY_SHAPE_VS_EAGER:
             every_shape_ok = False
         # Whole-network number: ResNet-50's BatchNorm time, each shape weighted by its layer count.
-        # Only when all 53 layers were measured (a run cut short by its time budget has fewer).
-        rn50 = [e for e in entries if e["shape_name"].startswith("rn50-")]
-        eager_total = sum(e["layers"] * e["eager_ms"] for e in rn50)
-        ours_total = sum(e["layers"] * e["ms"] for e in rn50)
-        complete = sum(e["layers"] for e in rn50) == RESNET50_BN_LAYERS
-        rn50_speedup = eager_total / ours_total if complete and ours_total > 0 else math.nan
+        rn50_speedup = _rn50_net(entries, RESNET50_BN_LAYERS)
         eval_text = "-"
         if mode == "eval" and math.isfinite(bandwidth):
             big = [e for e in entries if e["bytes"] >= EVAL_TARGET_MIN_BYTES and math.isfinite(e["gbps"])]
@@ -180,6 +260,10 @@ def summary_lines(rows: list[dict]) -> list[str]:
     lines.append("-" * len(header))
     overall_eager, overall_compile = geomean(all_eager), geomean(all_compile)
     lines.append(f"overall geomean: vs eager {_fmt(overall_eager)}, vs torch.compile {_fmt(overall_compile)}")
+
+    fused_lines, fused_eager, fused_compile, rn50_fused = _fused_summary(rows)
+    lines += fused_lines
+    fused_target = geomean(rn50_fused)
     if smoke:
         lines.append("targets: not judged (interpreter smoke run: timings are meaningless)")
     else:
@@ -194,5 +278,45 @@ def summary_lines(rows: list[dict]) -> list[str]:
             + verdict(overall_compile >= TARGET_GEOMEAN_VS_COMPILE if math.isfinite(overall_compile) else None)
             + f" | eval >= {TARGET_EVAL_COPY_FRACTION:.0%} copy BW: "
             + verdict(min(eval_fractions) >= TARGET_EVAL_COPY_FRACTION if eval_fractions else None)
+            + f" | fused ops geomean >= {TARGET_FUSED_GEOMEAN_VS_EAGER}x unfused eager (rn50 shapes, "
+            + f"{_fmt(fused_target)}): "
+            + verdict(fused_target >= TARGET_FUSED_GEOMEAN_VS_EAGER if math.isfinite(fused_target) else None)
         )
     return lines
+
+
+def _fused_summary(rows: list[dict]) -> tuple[list[str], list[float], list[float], list[float]]:
+    """The fused ops' part of the summary: lines, and every speedup vs eager / vs torch.compile
+    (and vs eager on ResNet-50 shapes alone, what the target is judged on)."""
+    tables = {op: speedups(rows, op) for op in FUSED_OPS}
+    if not any(tables.values()):
+        return [], [], [], []
+    header = (f"{'op':<12} {'mode':<17} {'dtype':<9} {'layout':<14} {'shapes':>6} {'vs eager':>9} "
+              f"{'vs compile':>10} {'rn50 net':>8} {'bytes bound':>11}  {'worst vs eager (shape)':<34}")
+    lines = ["", "FUSED BatchNorm + activation: tritonbn batch_norm_act (one kernel) vs torch's unfused sequence "
+             "(F.batch_norm, += residual, relu_)",
+             "  vs eager / vs compile: the unfused sequence in eager torch / under torch.compile; bytes bound: "
+             "unfused / fused bytes model (the speedup at equal bandwidth)",
+             header, "-" * len(header)]
+    all_eager, all_compile, rn50_eager = [], [], []
+    for op in FUSED_OPS:
+        table = tables[op]
+        for key in sorted(table, key=lambda k: (_rank(MODES, k[0]), _rank(DTYPES, k[1]), _rank(LAYOUTS, k[2]))):
+            mode, dtype, layout = key
+            entries = table[key]
+            eager = [e["vs_eager"] for e in entries]
+            compiled = [e["vs_compile"] for e in entries]
+            all_eager += eager
+            all_compile += compiled
+            rn50_eager += [e["vs_eager"] for e in entries if e["shape_name"].startswith("rn50-")]
+            finite = [e for e in entries if math.isfinite(e["vs_eager"])]
+            worst = min(finite, key=lambda e: e["vs_eager"]) if finite else None
+            worst_text = f"{_fmt(worst['vs_eager'])} {worst['shape_name']}" if worst else "-"
+            rn50 = _rn50_net(entries, RESNET50_FUSED_LAYERS[op])
+            lines.append(f"{op:<12} {mode:<17} {dtype:<9} {layout:<14} {len(entries):>6} {_fmt(geomean(eager)):>9} "
+                         f"{_fmt(geomean(compiled)):>10} {_fmt(rn50):>8} {_fmt(bytes_bound(op, mode)):>11}  "
+                         f"{worst_text:<34}")
+    lines.append("-" * len(header))
+    lines.append(f"fused ops geomean: vs unfused eager {_fmt(geomean(all_eager))}, "
+                 f"vs torch.compile {_fmt(geomean(all_compile))}")
+    return lines, all_eager, all_compile, rn50_eager

@@ -4,15 +4,20 @@ Usage::
 
     python perf/plot.py perf/results/<card-slug>/results.csv [--out DIR]
 
-Per mode, two figures with one panel per dtype x layout:
+Per mode, two figures with one panel per dtype x layout for BatchNorm, and, in the three
+training modes, one more panel per dtype x layout for the fused ops (BN+ReLU and BN+add+ReLU
+side by side, against torch's unfused sequence):
 
-* ``gbps_<mode>.png``: modelled GB/s (perf/common.py: BYTES) per shape for each provider,
-  with the measured copy bandwidth as the ceiling line;
+* ``gbps_<mode>.png``: modelled GB/s (perf/common.py: BYTES; the fused ops: FUSED_BYTES, each
+  provider scored by its own version's bytes) per shape for each provider, with the measured
+  copy bandwidth as the ceiling line;
 * ``speedup_<mode>.png``: tritonbn's speedup over eager torch and over torch.compile per
-  shape, with the 1.0x line and the 1.5x geomean target.
+  shape, with the 1.0x line and the 1.5x geomean target; on the fused panels also the bytes
+  bound (unfused / fused bytes: the speedup at equal bandwidth).
 
-Eight PNGs in all, so they and the CSV fit what a lent GPU machine sends back. A smoke-run
-CSV gets the smoke label in every title.
+Eight PNGs in all, however many ops the CSV has: perf/gpu_run.sh packs them into one archive
+beside the CSV, within the 8 files a lent GPU machine sends back. A smoke-run CSV gets the
+smoke label in every title.
 """
 
 from __future__ import annotations
@@ -40,13 +45,21 @@ SPEEDUP_TICKS = [1e-4, 1e-3, 1e-2, 0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4, 
 PROVIDER_COLORS = {"tritonbn": "tab:orange", "torch": "tab:blue", "torch.compile": "tab:green"}
 
 
+# Short labels of the fused ops on the shared panels' x axis.
+FUSED_LABELS = {"bn_relu": "relu", "bn_add_relu": "add+relu"}
+
+
 def _file_mode(mode: str) -> str:
     return mode.replace("+", "_").replace("-", "_")
 
 
-def _panels(table: dict, mode: str) -> list[tuple[str, str]]:
-    present = {(k[3], k[4]) for k in table if k[2] == mode and k[1] != common.COPY}
-    return [(d, lay) for d in common.DTYPES for lay in common.LAYOUTS if (d, lay) in present]
+def _panels(tables: dict[str, dict], mode: str) -> list[tuple[tuple[str, ...], str, str]]:
+    """(ops, dtype, layout) of each panel: BatchNorm's first, then the fused ops' (both in one)."""
+    panels = []
+    for ops in ((common.BATCH_NORM,), common.FUSED_OPS):
+        present = {(k[3], k[4]) for op in ops for k in tables[op] if k[2] == mode and k[1] != common.COPY}
+        panels += [(ops, d, lay) for d in common.DTYPES for lay in common.LAYOUTS if (d, lay) in present]
+    return panels
 
 
 def _shape_order(rows: list[dict]) -> list[str]:
@@ -79,8 +92,30 @@ def _count(value: str) -> int:
     return int(number) if math.isfinite(number) else 1
 
 
-def _labels(names: list[str], layers: dict[str, int]) -> list[str]:
-    return [f"{n} x{layers[n]}" if layers.get(n, 1) > 1 else n for n in names]
+def _labels(items: list[tuple[str, str]], layers: dict[tuple[str, str], int]) -> list[str]:
+    """Axis labels of (op, shape_name) items: the shape, its layer count, and the fused op's name."""
+    labels = []
+    for op, name in items:
+        label = f"{name} x{layers[(op, name)]}" if layers.get((op, name), 1) > 1 else name
+        labels.append(label if op == common.BATCH_NORM else f"{FUSED_LABELS.get(op, op)}: {label}")
+    return labels
+
+
+def _panel_title(ops: tuple[str, ...], mode: str, dtype: str, layout: str) -> str:
+    if ops == (common.BATCH_NORM,):
+        return f"{mode}, {dtype}, {layout}"
+    what = " and ".join(common.OP_TITLES[op] for op in ops)
+    return f"fused {what} vs unfused torch, {mode}, {dtype}, {layout}"
+
+
+def _items(tables: dict[str, dict], ops: tuple[str, ...], order: list[str], mode: str, dtype: str,
+           layout: str) -> list[tuple[str, str]]:
+    return [(op, n) for op in ops for n in order if any(k[2:] == (mode, dtype, layout, n) for k in tables[op])]
+
+
+def _row(table: dict, provider: str, mode: str, dtype: str, layout: str, name: str) -> dict | None:
+    hits = [r for k, r in table.items() if k[1:] == (provider, mode, dtype, layout, name)]
+    return hits[0] if hits else None
 
 
 def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
@@ -88,53 +123,67 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
     rows = common.read_rows(Path(csv_path))
     out_dir = Path(out_dir or Path(csv_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = common.latest(rows)
+    tables = {op: common.latest(rows, op) for op in common.OPS}
     smoke = any(r["device"] == common.SMOKE_DEVICE for r in rows)
     device = ", ".join(sorted({r["device"] for r in rows})) or "no rows"
     bandwidth = common.copy_gbps(rows)
     order = _shape_order(rows)
-    layers = {r["shape_name"]: _count(r["layers"]) for r in rows if r["provider"] != common.COPY}
-    speedups = common.speedups(rows)
+    layers = {(r["op"], r["shape_name"]): _count(r["layers"]) for r in rows if r["provider"] != common.COPY}
+    speedups = {op: common.speedups(rows, op) for op in common.OPS}
     written = []
     for mode in common.MODES:
-        panels = _panels(table, mode)
+        panels = _panels(tables, mode)
         if not panels:
             continue
+        items = {p: _items(tables, p[0], order, mode, p[1], p[2]) for p in panels}
+        widest = max(len(v) for v in items.values())
+        with_fused = any(ops != (common.BATCH_NORM,) for ops, _, _ in panels)
+        also = " (and fused BN+ReLU, BN+add+ReLU)" if with_fused else ""
+
         # GB/s per shape and provider, against the copy ceiling.
-        fig, axes = _grid(len(panels), len(order))
-        for ax, (dtype, layout) in zip(axes, panels):
-            names = [n for n in order if any(k[2:] == (mode, dtype, layout, n) for k in table)]
+        fig, axes = _grid(len(panels), widest)
+        for ax, panel in zip(axes, panels):
+            ops, dtype, layout = panel
+            names = items[panel]
             providers = [p for p in common.PROVIDERS
-                         if any(k[1:] == (p, mode, dtype, layout, n) for k in table for n in names)]
+                         if any(_row(tables[op], p, mode, dtype, layout, n) for op, n in names)]
             width = 0.8 / max(len(providers), 1)
             for j, provider in enumerate(providers):
                 values = []
-                for n in names:
-                    hits = [r for k, r in table.items() if k[1:] == (provider, mode, dtype, layout, n)]
-                    values.append(common.as_float(hits[0]["gbps"]) if hits else math.nan)
+                for op, n in names:
+                    hit = _row(tables[op], provider, mode, dtype, layout, n)
+                    values.append(common.as_float(hit["gbps"]) if hit else math.nan)
                 xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(names))]
                 ax.bar(xs, values, width, label=provider, color=PROVIDER_COLORS.get(provider))
             if math.isfinite(bandwidth):
                 ax.axhline(bandwidth, color="black", linestyle="--", linewidth=1,
                            label=f"copy {bandwidth:.0f} GB/s")
             ax.set_xticks(range(len(names)), _labels(names, layers), rotation=60, ha="right", fontsize=8)
-            ax.set_ylabel(f"GB/s (model: {common.BYTES[mode]}*E*s / p50)")
-            ax.set_title(f"{mode}, {dtype}, {layout}")
+            if ops == (common.BATCH_NORM,):
+                ax.set_ylabel(f"GB/s (model: {common.BYTES[mode]}*E*s / p50)")
+            else:
+                models = ", ".join(f"{FUSED_LABELS[op]} {common.bytes_units(mode, op, 'tritonbn')}/"
+                                   f"{common.bytes_units(mode, op, 'torch')}" for op in ops)
+                ax.set_ylabel(f"GB/s (model fused/unfused *E*s: {models})", fontsize=8)
+            ax.set_title(_panel_title(ops, mode, dtype, layout), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             ax.legend(fontsize=8)
-        _title(fig, f"BatchNorm {mode}: modelled bandwidth per shape", smoke, device)
-        fig.tight_layout()
+        _title(fig, f"BatchNorm {mode}{also}: modelled bandwidth per shape", smoke, device)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))  # room for the suptitle
         path = out_dir / f"gbps_{_file_mode(mode)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
 
         # tritonbn's speedup over each baseline.
-        fig, axes = _grid(len(panels), len(order))
-        for ax, (dtype, layout) in zip(axes, panels):
-            entries = sorted(speedups.get((mode, dtype, layout), []),
-                             key=lambda e: order.index(e["shape_name"]) if e["shape_name"] in order else 0)
-            names = [e["shape_name"] for e in entries]
+        fig, axes = _grid(len(panels), widest)
+        for ax, panel in zip(axes, panels):
+            ops, dtype, layout = panel
+            entries = []
+            for op in ops:
+                entries += sorted(speedups[op].get((mode, dtype, layout), []),
+                                  key=lambda e: order.index(e["shape_name"]) if e["shape_name"] in order else 0)
+            names = [(e["op"], e["shape_name"]) for e in entries]
             for j, (key, label, color) in enumerate((("vs_eager", "vs eager torch", "tab:blue"),
                                                      ("vs_compile", "vs torch.compile", "tab:green"))):
                 values = [e[key] for e in entries]
@@ -144,6 +193,12 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
                               label=f"{label} (geomean {geo:.3g}x)" if math.isfinite(geo) else f"{label} (n/a)")
                 ax.bar_label(bars, labels=[f"{v:.2g}" if math.isfinite(v) else "" for v in values],
                              fontsize=6, rotation=90, padding=2)
+            bounds = [common.bytes_bound(op, mode) for op, _ in names]
+            if ops != (common.BATCH_NORM,) and names:
+                # What the bytes alone allow: unfused / fused model, the speedup at equal bandwidth.
+                ax.hlines(bounds, [i - 0.45 for i in range(len(names))], [i + 0.45 for i in range(len(names))],
+                          colors="dimgray", linestyles="--", linewidth=1.2,
+                          label="bytes bound (unfused / fused model)")
             # Ratios: a log axis shows 0.5x and 2x as equally far from parity.
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(SPEEDUP_TICKS))
@@ -151,17 +206,22 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             # Parity and the target always in view, with room above the bars for their labels.
             shown = [v for e in entries for v in (e["vs_eager"], e["vs_compile"]) if math.isfinite(v) and v > 0]
-            ax.set_ylim(min(shown + [1.0]) / 1.4, max(shown + [common.TARGET_GEOMEAN_VS_EAGER]) * 1.6)
+            if ops != (common.BATCH_NORM,):
+                shown += bounds
+            target = common.TARGET_GEOMEAN_VS_EAGER if ops == (common.BATCH_NORM,) else \
+                common.TARGET_FUSED_GEOMEAN_VS_EAGER
+            ax.set_ylim(min(shown + [1.0]) / 1.4, max(shown + [target]) * 1.6)
             ax.axhline(1.0, color="black", linewidth=1)
-            ax.axhline(common.TARGET_GEOMEAN_VS_EAGER, color="red", linestyle=":", linewidth=1,
-                       label=f"{common.TARGET_GEOMEAN_VS_EAGER}x geomean target vs eager")
+            ax.axhline(target, color="red", linestyle=":", linewidth=1,
+                       label=f"{target}x geomean target vs eager" + ("" if ops == (common.BATCH_NORM,) else
+                                                                     " (unfused)"))
             ax.set_xticks(range(len(names)), _labels(names, layers), rotation=60, ha="right", fontsize=8)
             ax.set_ylabel("speedup of tritonbn (baseline p50 / tritonbn p50)")
-            ax.set_title(f"{mode}, {dtype}, {layout}")
+            ax.set_title(_panel_title(ops, mode, dtype, layout), fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             ax.legend(fontsize=8)
-        _title(fig, f"BatchNorm {mode}: tritonbn speedup per shape", smoke, device)
-        fig.tight_layout()
+        _title(fig, f"BatchNorm {mode}{also}: tritonbn speedup per shape", smoke, device)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))  # room for the suptitle
         path = out_dir / f"speedup_{_file_mode(mode)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -2,7 +2,7 @@
 
 Usage (``perf/run_report.sh`` sets up an environment and runs this)::
 
-    python -m perf.report [--modes ...] [--dtypes ...] [--layouts ...] [--providers ...]
+    python -m perf.report [--ops ...] [--modes ...] [--dtypes ...] [--layouts ...] [--providers ...]
                           [--shapes SUBSTRING ...] [--time-budget S] [--resume] [--smoke]
 
 For every shape x dtype x layout it first checks tritonbn against eager torch (max abs error
@@ -14,6 +14,13 @@ in the output, and makes the exit status 3), then times each provider in each mo
   no extra add kernel is timed);
 * forward+backward: both;
 * eval: module in eval mode under no_grad.
+
+Besides BatchNorm alone (op ``batch_norm``), the fused ops ``bn_relu`` and ``bn_add_relu``
+(tritonbn's ``BatchNormAct2d``: act(BN(x) + residual) in one kernel) run against torch's
+unfused sequence as torchvision writes it (BatchNorm, ``out += residual``, ``relu`` in place),
+eager and under torch.compile, on the ResNet-50 shapes where the network has them, in the
+three training modes; checked the same way first (y, running statistics, dx, dresidual,
+dweight, dbias). Their bytes model is per version (perf/common.py: FUSED_BYTES).
 
 On a GPU timings are ``triton.testing.do_bench`` medians with the 20th/80th percentiles,
 inputs rotated across buffers totalling past the L2 cache. Without a GPU the same pipeline
@@ -259,9 +266,55 @@ def build_module(provider: str, case: shapes.Case, params: dict, device: torch.d
     return module, module
 
 
-def make_fn(mode: str, module, call, xs: list[torch.Tensor], dys: list[torch.Tensor]):
-    """A no-argument callable doing one `mode` step, rotating through the input sets."""
-    order = itertools.cycle(range(len(xs)))
+class _UnfusedBnRelu:
+    """torch's unfused sequence, as torchvision's ResNet writes it: BatchNorm, ``out +=
+    residual`` in place on the BatchNorm output, ``relu(inplace=True)``."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(input)
+        if residual is not None:
+            out += residual
+        return torch.nn.functional.relu(out, inplace=True)
+
+
+class UnfusedBnRelu1d(_UnfusedBnRelu, torch.nn.BatchNorm1d):
+    pass
+
+
+class UnfusedBnRelu2d(_UnfusedBnRelu, torch.nn.BatchNorm2d):
+    pass
+
+
+class UnfusedBnRelu3d(_UnfusedBnRelu, torch.nn.BatchNorm3d):
+    pass
+
+
+def build_fused_module(provider: str, case: shapes.Case, params: dict, device: torch.device):
+    """(module, callable) of a fused op: tritonbn's BatchNormAct (relu), or torch's unfused
+    sequence, eager or under torch.compile; called as (x) or (x, residual). Same state_dict."""
+    import tritonbn
+
+    ndim = len(case.shape)
+    if provider == "tritonbn":
+        cls = {2: tritonbn.BatchNormAct1d, 3: tritonbn.BatchNormAct1d, 4: tritonbn.BatchNormAct2d,
+               5: tritonbn.BatchNormAct3d}[ndim]
+        module = cls(case.shape[1], device=device, activation="relu")
+    else:
+        cls = {2: UnfusedBnRelu1d, 3: UnfusedBnRelu1d, 4: UnfusedBnRelu2d, 5: UnfusedBnRelu3d}[ndim]
+        module = cls(case.shape[1], device=device)
+    module.load_state_dict(params)
+    if provider == "torch.compile":
+        return module, torch.compile(module, dynamic=False)
+    return module, module
+
+
+def make_fn(mode: str, module, call, inputs: list[tuple[torch.Tensor, ...]], dys: list[torch.Tensor]):
+    """A no-argument callable doing one `mode` step, rotating through the input sets.
+
+    inputs: per set, what ``call`` takes: (x,), or (x, residual) for bn_add_relu; training
+    modes differentiate with respect to all of them and the affine parameters.
+    """
+    order = itertools.cycle(range(len(inputs)))
     params = (module.weight, module.bias)
     if mode == "eval":
         module.eval()
@@ -269,25 +322,25 @@ def make_fn(mode: str, module, call, xs: list[torch.Tensor], dys: list[torch.Ten
         def fn():
             i = next(order)
             with torch.no_grad():
-                call(xs[i])
+                call(*inputs[i])
 
         return fn
     module.train()
     if mode == "forward-train":
-        return lambda: call(xs[next(order)])
+        return lambda: call(*inputs[next(order)])
     if mode == "forward+backward":
         def fn():
             i = next(order)
-            torch.autograd.grad(call(xs[i]), (xs[i], *params), dys[i])
+            torch.autograd.grad(call(*inputs[i]), (*inputs[i], *params), dys[i])
 
         return fn
     # backward: each set's forward graph is built once, outside the timed region; grad() (not
     # backward()) so that no gradient accumulation kernel is timed.
-    ys = [call(x) for x in xs]
+    ys = [call(*args) for args in inputs]
 
     def fn():
         i = next(order)
-        torch.autograd.grad(ys[i], (xs[i], *params), dys[i], retain_graph=True)
+        torch.autograd.grad(ys[i], (*inputs[i], *params), dys[i], retain_graph=True)
 
     return fn
 
@@ -303,11 +356,11 @@ def eager_backend(x: torch.Tensor, module, training: bool) -> str:
         return "unknown"
 
 
-def input_sets(case: shapes.Case, element_size: int, env: RunEnv) -> int:
-    """How many (x, dy) sets to rotate through so that together they exceed L2 twice over."""
+def input_sets(case: shapes.Case, element_size: int, env: RunEnv, tensors: int = 2) -> int:
+    """How many (x, dy[, residual]) sets to rotate through so that together they exceed L2 twice over."""
     if not env.cuda:
         return 2
-    set_bytes = 2 * case.numel * element_size
+    set_bytes = tensors * case.numel * element_size
     if set_bytes >= 2 * env.l2_bytes:
         return 1  # one set is already past L2 (and do_bench flushes L2 between calls anyway)
     return min(math.ceil(2 * env.l2_bytes / set_bytes), MAX_INPUT_SETS)
@@ -363,6 +416,14 @@ def _judge(case: shapes.Case, params: dict, x: torch.Tensor, dy: torch.Tensor, d
     """
     ours = _outputs(build_module("tritonbn", case, params, device)[0], x, dy, training)
     ref = _outputs(build_module("torch", case, params, device)[0], x, dy, training)
+    return _compare(ours, ref, dtype, lambda: _outputs(build_module("torch", case, params, device)[0].double(),
+                                                       x.double(), dy.double(), training))
+
+
+def _compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype,
+             exact_outputs) -> dict[str, tuple[float, bool, str]]:
+    """Per tensor (max abs error, pass, note); exact_outputs() gives the float64 reference, only
+    computed when something is out of tolerance."""
     atol, rtol = TOLERANCE[dtype]
     result = {}
     for name in ours:
@@ -370,7 +431,7 @@ def _judge(case: shapes.Case, params: dict, x: torch.Tensor, dy: torch.Tensor, d
         result[name] = (error, error <= atol + rtol * ref[name].detach().abs().max().item(), "")  # NaN fails
     if all(ok for _, ok, _ in result.values()):
         return result
-    exact = _outputs(build_module("torch", case, params, device)[0].double(), x.double(), dy.double(), training)
+    exact = exact_outputs()
     for name, (error, ok, _) in list(result.items()):
         if not ok and _max_abs(ours[name], exact[name]) <= _max_abs(ref[name], exact[name]):
             result[name] = (error, True, "no further from float64 than torch")
@@ -388,19 +449,89 @@ def check(case: shapes.Case, params: dict, x: torch.Tensor, dy: torch.Tensor, dt
     if _launch.launch_count == launches:
         raise RuntimeError("tritonbn launched no kernel: the check would compare torch with itself")
 
-    def verdict(parts: dict[str, tuple[float, bool, str]], names: tuple[str, ...]) -> Verdict:
-        chosen = {n: parts[n] for n in names}
-        notes = sorted({f"{n}: {note}" for n, (_, _, note) in chosen.items() if note})
-        return Verdict(max(err for err, _, _ in chosen.values()), all(ok for _, ok, _ in chosen.values()),
-                       [n for n, (_, ok, _) in chosen.items() if not ok], "; ".join(notes))
-
     forward = ("y", "running_mean", "running_var")
     backward = ("dx", "dweight", "dbias")
     return {
-        "forward-train": verdict(train, forward),
-        "backward": verdict(train, backward),
-        "forward+backward": verdict(train, forward + backward),
-        "eval": verdict(evaluation, ("y",)),
+        "forward-train": _verdict(train, forward),
+        "backward": _verdict(train, backward),
+        "forward+backward": _verdict(train, forward + backward),
+        "eval": _verdict(evaluation, ("y",)),
+    }
+
+
+def _verdict(parts: dict[str, tuple[float, bool, str]], names: tuple[str, ...]) -> Verdict:
+    chosen = {n: parts[n] for n in names if n in parts}
+    notes = sorted({f"{n}: {note}" for n, (_, _, note) in chosen.items() if note})
+    return Verdict(max(err for err, _, _ in chosen.values()), all(ok for _, ok, _ in chosen.values()),
+                   [n for n, (_, ok, _) in chosen.items() if not ok], "; ".join(notes))
+
+
+# relu's kink: where the pre-activation z = BN(x) + residual is within rounding of 0, the mask
+# (and so dx, dresidual, dweight, dbias) depends on how each implementation rounds z: torch
+# rounds the BatchNorm output to the dtype before adding the residual, tritonbn does not. Two
+# equally valid gradients would differ by a whole w * rstd * dy there (and large shapes have
+# dozens of such elements), so the check moves x off the kink first, as the tests do. Margin
+# in units of z (bfloat16: a rounding of |BN(x)| <= 8 is <= 2^-6); step in units of x,
+# representable next to |x| < 16 in bfloat16.
+KINK_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 0.05}
+KINK_STEP = {torch.float32: 0.01, torch.bfloat16: 0.125}
+
+
+def away_from_kink(x: torch.Tensor, residual: torch.Tensor | None, params: dict, dtype: torch.dtype,
+                   fmt: torch.memory_format) -> torch.Tensor:
+    """A copy of x (in memory format fmt) in which no training pre-activation, computed in
+    float64, lies within KINK_MARGIN of 0."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    weight, bias = params["weight"].double(), params["bias"].double()
+    step = (KINK_STEP[dtype] * torch.sign(params["weight"]).view(view)).to(x.dtype)
+    x = x.detach().clone(memory_format=fmt)
+    for _ in range(8):  # each round moves the statistics a little: recheck
+        z = torch.nn.functional.batch_norm(x.double(), None, None, weight, bias, True, 0.0, 1e-5)
+        if residual is not None:
+            z = z + residual.double()
+        near = z.abs() < KINK_MARGIN[dtype]
+        if not bool(near.any()):
+            break
+        x = torch.where(near, x + step, x).contiguous(memory_format=fmt)
+    return x
+
+
+def _fused_outputs(module, x: torch.Tensor, residual: torch.Tensor | None,
+                   dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fused op's training step: y, the running statistics, and the gradients."""
+    module.train()
+    inputs = [x.detach().requires_grad_()]
+    if residual is not None:
+        inputs.append(residual.detach().requires_grad_())
+    y = module(*inputs)
+    grads = torch.autograd.grad(y, (*inputs, module.weight, module.bias), dy)
+    out = {"y": y.detach(), "running_mean": module.running_mean, "running_var": module.running_var,
+           "dx": grads[0], "dweight": grads[-2], "dbias": grads[-1]}
+    if residual is not None:
+        out["dresidual"] = grads[1]
+    return out
+
+
+def check_fused(case: shapes.Case, params: dict, x: torch.Tensor, residual: torch.Tensor | None, dy: torch.Tensor,
+                dtype: torch.dtype, layout: str, env: RunEnv) -> dict[str, Verdict]:
+    """Per training mode: tritonbn's fused op against torch's unfused sequence, on x moved off the kink."""
+    from tritonbn import _launch
+
+    x = away_from_kink(x, residual, params, dtype, memory_format(layout, x.dim()))
+    launches = _launch.launch_count
+    ours = _fused_outputs(build_fused_module("tritonbn", case, params, env.device)[0], x, residual, dy)
+    if _launch.launch_count == launches:
+        raise RuntimeError("tritonbn launched no kernel: the check would compare torch with itself")
+    ref = _fused_outputs(build_fused_module("torch", case, params, env.device)[0], x, residual, dy)
+    parts = _compare(ours, ref, dtype, lambda: _fused_outputs(
+        build_fused_module("torch", case, params, env.device)[0].double(), x.double(),
+        residual.double() if residual is not None else None, dy.double()))
+    forward = ("y", "running_mean", "running_var")
+    backward = ("dx", "dresidual", "dweight", "dbias")
+    return {
+        "forward-train": _verdict(parts, forward),
+        "backward": _verdict(parts, backward),
+        "forward+backward": _verdict(parts, forward + backward),
     }
 
 
@@ -418,6 +549,17 @@ class CsvSink:
         if not (resume and path.exists()):
             with open(path, "w", newline="", encoding="utf-8") as f:
                 csv.DictWriter(f, common.COLUMNS).writeheader()
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+        if header != list(common.COLUMNS):
+            # A CSV from an older schema (before the op column): rewrite it in this one, so
+            # that the rows appended now line up with the header (read_rows fills op in).
+            rows = common.read_rows(path)
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, common.COLUMNS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
 
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
@@ -457,7 +599,8 @@ class Report:
         gbps = moved / (p50 * 1e-3) / 1e9
         what = "device-to-device" if self.env.cuda else "host memory (CPU smoke run)"
         self.log(f"copy bandwidth ({what}, {moved / 2**30:.2f} GiB read+written): {gbps:.1f} GB/s")
-        self.sink.write(self.row(provider=common.COPY, mode=common.COPY, dtype="float32", layout="contiguous",
+        self.sink.write(self.row(provider=common.COPY, mode=common.COPY, op=common.COPY, dtype="float32",
+                                 layout="contiguous",
                                  shape=str(numel), shape_name=f"copy-{numel * 4 // 2**20}MiB", layers=0,
                                  ms_p20=f"{p20:.6f}", ms_p50=f"{p50:.6f}", ms_p80=f"{p80:.6f}", gbps=f"{gbps:.2f}",
                                  bytes_model=moved, backend="torch.Tensor.copy_"))
@@ -475,8 +618,11 @@ class Report:
                 if layout not in layouts_for(case):
                     continue
                 name = f"{case.name} {dtype_name} {layout}"
-                wanted = {(p, m) for p in providers for m in args.modes}
-                have = {(p, m) for p, m, d, lay, s in self.done if (d, lay, s) == (dtype_name, layout, case.name)}
+                if case.op != common.BATCH_NORM:
+                    name = f"{case.op} {name}"
+                wanted = {(p, m) for p in providers for m in self.modes(case)}
+                have = {(p, m) for o, p, m, d, lay, s in self.done
+                        if (o, d, lay, s) == (case.op, dtype_name, layout, case.name)}
                 if wanted <= have:
                     self.log(f"{name}: already in the CSV (--resume), skipped")
                     continue
@@ -493,23 +639,46 @@ class Report:
                     if self.env.cuda:
                         torch.cuda.empty_cache()
 
+    def modes(self, case: shapes.Case) -> list[str]:
+        """The modes to run on a case: the fused ops have no eval."""
+        if case.op == common.BATCH_NORM:
+            return list(self.args.modes)
+        return [m for m in self.args.modes if m in common.FUSED_MODES]
+
     def run_combo(self, case: shapes.Case, dtype_name: str, layout: str, providers: list[str]) -> None:
         from tritonbn import _launch
 
-        env, args = self.env, self.args
+        env = self.env
+        op = case.op
+        fused = op != common.BATCH_NORM
+        modes = self.modes(case)
+        if not modes:
+            return
         dtype = DTYPES[dtype_name]
         tag = f"{case.name} {dtype_name} {layout}"
+        if fused:
+            tag = f"{op} {tag}"
         # A fixed seed per case (not Python's salted hash): reruns draw the same data.
         gen = torch.Generator(device=env.device).manual_seed(zlib.crc32(tag.encode()))
         params = make_params(case.shape[1], env.device, gen)
-        sets = input_sets(case, torch.finfo(dtype).bits // 8, env)
+        with_residual = op == "bn_add_relu"
+        sets = input_sets(case, torch.finfo(dtype).bits // 8, env, 3 if with_residual else 2)
         xs = [random_input(case, dtype, layout, env.device, gen).requires_grad_() for _ in range(sets)]
         dys = [random_input(case, dtype, layout, env.device, gen) for _ in range(sets)]
+        if with_residual:
+            rs = [random_input(case, dtype, layout, env.device, gen).requires_grad_() for _ in range(sets)]
+            inputs = list(zip(xs, rs))
+        else:
+            inputs = [(x,) for x in xs]
         route = _launch.route(xs[0])
 
-        results = check(case, params, xs[0], dys[0], dtype, env)
+        if fused:
+            results = check_fused(case, params, xs[0], inputs[0][1] if with_residual else None, dys[0], dtype,
+                                  layout, env)
+        else:
+            results = check(case, params, xs[0], dys[0], dtype, env)
         verdicts = []
-        for mode in args.modes:
+        for mode in modes:
             v = results[mode]
             verdicts.append(f"{mode} {v.text} {v.error:.2e}" + (f" ({v.note})" if v.note else ""))
             if not v.ok:
@@ -520,27 +689,30 @@ class Report:
         if "torch.compile" in providers:
             torch._dynamo.reset()  # fresh, static compiles per case; no recompile limit reached
         element_size = torch.finfo(dtype).bits // 8
+        epilogue = (" + add_" if with_residual else "") + " + relu_"
         for provider in providers:
-            module, call = build_module(provider, case, params, env.device)
-            for mode in args.modes:
-                moved = common.bytes_model(mode, case.numel, element_size)
+            build = build_fused_module if fused else build_module
+            module, call = build(provider, case, params, env.device)
+            for mode in modes:
+                moved = common.bytes_model(mode, case.numel, element_size, op, provider)
                 if provider == "tritonbn":
                     import tritonbn
 
-                    backend = tritonbn.backend_for(xs[0])
+                    backend = tritonbn.backend_for(xs[0]) + (" fused" if fused else "")
                     row_route = route if mode != "eval" else route.split("-")[0] + "-normalize"
                     extra = {"route": row_route, "max_abs_err": f"{results[mode].error:.3e}",
                              "check": results[mode].text}
                 elif provider == "torch":
-                    backend = eager_backend(xs[0], module, training=mode != "eval")
+                    backend = eager_backend(xs[0], module, training=mode != "eval") + (epilogue if fused else "")
                     extra = {}
                 else:
                     backend = "inductor"
                     extra = {}
-                fields = dict(provider=provider, mode=mode, dtype=dtype_name, layout=layout, shape=case.shape_str,
-                              shape_name=case.name, layers=case.layers, bytes_model=moved, backend=backend, **extra)
+                fields = dict(provider=provider, mode=mode, op=op, dtype=dtype_name, layout=layout,
+                              shape=case.shape_str, shape_name=case.name, layers=case.layers, bytes_model=moved,
+                              backend=backend, **extra)
                 try:
-                    fn = make_fn(mode, module, call, xs, dys)
+                    fn = make_fn(mode, module, call, inputs, dys)
                     # Compile, autotune, allocator warm-up: none of it is timed. On the CPU only
                     # torch.compile needs it (check() already ran the other two), and each
                     # interpreted call costs real seconds of the smoke run's budget.
@@ -564,6 +736,9 @@ class Report:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=common.OPS, default=list(common.OPS),
+                        help="batch_norm: BatchNorm alone; bn_relu, bn_add_relu: tritonbn's fused op against "
+                        "torch's unfused sequence (training modes only). Default: all")
     parser.add_argument("--modes", nargs="+", choices=common.MODES, default=list(common.MODES))
     parser.add_argument("--dtypes", nargs="+", choices=common.DTYPES, default=list(common.DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=common.LAYOUTS, default=list(common.LAYOUTS))
@@ -640,14 +815,19 @@ def main(argv: list[str] | None = None) -> int:
               f"  (no CUDA device: Triton's interpreter on the CPU, tiny shapes)\n{banner}")
     print(f"device: {env.device_name} | driver {env.driver} | CUDA {env.cuda_version} | torch {env.torch_version} | "
           f"triton {env.triton_version} | {env.date}")
-    print(f"providers: {', '.join(args.providers)} | modes: {', '.join(args.modes)} | output: {csv_path}")
+    print(f"providers: {', '.join(args.providers)} | modes: {', '.join(args.modes)} | ops: {', '.join(args.ops)} | "
+          f"output: {csv_path}")
 
-    cases = shapes.smoke_suite() if env.smoke else shapes.gpu_suite()
+    if env.smoke:
+        cases = shapes.smoke_suite() + shapes.smoke_fused_suite()
+    else:
+        cases = shapes.gpu_suite() + shapes.gpu_fused_suite()
+    cases = [c for c in cases if c.op in args.ops]
     if args.shapes:
         cases = [c for c in cases if any(s in c.name for s in args.shapes)]
     done = set()
     if args.resume and csv_path.exists():
-        done = {(r["provider"], r["mode"], r["dtype"], r["layout"], r["shape_name"])
+        done = {(r["op"], r["provider"], r["mode"], r["dtype"], r["layout"], r["shape_name"])
                 for r in common.read_rows(csv_path) if r["device"] == env.device_name and r["ms_p50"]}
     report = Report(env, args, CsvSink(csv_path, args.resume), done)
     report.measure_copy()

@@ -10,6 +10,11 @@ The ResNet-50 shapes are derived from the architecture description rather than t
 a miscount (it is easy to forget that bn1 of a stage's first block runs at the *input*
 resolution) cannot slip in; ``resnet50_bn_layers`` asserts the known total of 53.
 
+The fused ops (BN+ReLU, BN+add+ReLU) run on the ResNet-50 shapes where the network has
+them, with the number of layers of each op per shape: bn1 and every block's bn1 and bn2 are
+followed by a ReLU (33 layers), every block's bn3 by the residual add and a ReLU (16); the 4
+downsample BatchNorms stay plain.
+
 The smoke suite is tiny: it runs through Triton's interpreter on a CPU to prove the report
 works end to end, and says nothing about performance.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from perf.common import RESNET50_BN_LAYERS
+from perf.common import BATCH_NORM, RESNET50_BN_LAYERS, RESNET50_FUSED_LAYERS
 
 
 @dataclass(frozen=True)
@@ -27,13 +32,15 @@ class Case:
     """One input shape of the suite.
 
     name: short label for tables and plot axes; layers: how many layers of the source
-    network have this shape (1 for synthetic cases); group: which family it belongs to.
+    network have this shape (and op; 1 for synthetic cases); group: which family it belongs
+    to; op: what is measured on it (perf/common.py: OPS).
     """
 
     name: str
     shape: tuple[int, ...]
     layers: int = 1
     group: str = "other"
+    op: str = BATCH_NORM
 
     @property
     def numel(self) -> int:
@@ -83,6 +90,27 @@ def resnet50_cases(batch: int = 256) -> list[Case]:
     return [Case(f"rn50-{shape[1]}x{shape[2]}", shape, layers, "resnet50") for shape, layers in counts.items()]
 
 
+def resnet50_fused_op(layer_name: str) -> str | None:
+    """Which fused op a ResNet-50 BatchNorm layer forms with what follows it (None: plain)."""
+    if "downsample" in layer_name:
+        return None
+    return "bn_add_relu" if layer_name.endswith(".bn3") else "bn_relu"
+
+
+def resnet50_fused_cases(batch: int = 256) -> list[Case]:
+    """Per fused op, the distinct ResNet-50 shapes it runs on, in network order, with layer counts."""
+    counts: dict[tuple[str, tuple[int, ...]], int] = {}
+    for name, shape in resnet50_bn_layers(batch):
+        op = resnet50_fused_op(name)
+        if op is not None:
+            counts[(op, shape)] = counts.get((op, shape), 0) + 1
+    for op, expected in RESNET50_FUSED_LAYERS.items():
+        got = sum(n for (o, _), n in counts.items() if o == op)
+        assert got == expected, f"ResNet-50 has {expected} {op} layers, counted {got}"
+    return [Case(f"rn50-{shape[1]}x{shape[2]}", shape, layers, "resnet50", op)
+            for op in RESNET50_FUSED_LAYERS for (o, shape), layers in counts.items() if o == op]
+
+
 def gpu_suite() -> list[Case]:
     """The full suite for a GPU report."""
     return [
@@ -109,4 +137,20 @@ def smoke_suite() -> list[Case]:
         # Just over 2 * 16384 elements per channel with 2 channels: the split route (partial
         # statistics + combine) on both layouts, which the tiny shapes never take.
         Case("smoke-split-1x2x128x260", (1, 2, 128, 260), 1, "smoke"),
+    ]
+
+
+def gpu_fused_suite() -> list[Case]:
+    """The fused ops on the GPU: ResNet-50's shapes, where the target is judged."""
+    return resnet50_fused_cases(256)
+
+
+def smoke_fused_suite() -> list[Case]:
+    """The fused ops on the CPU smoke run: both on a one-launch (fused route) shape, and
+    BN+add+ReLU, which also writes dresidual, on the split route. (The split shape costs
+    seconds per call in the interpreter: BN+ReLU there would add about 25 s to the run.)"""
+    return [
+        Case("smoke-4x8x6x6", (4, 8, 6, 6), 1, "smoke", "bn_relu"),
+        Case("smoke-4x8x6x6", (4, 8, 6, 6), 1, "smoke", "bn_add_relu"),
+        Case("smoke-split-1x2x128x260", (1, 2, 128, 260), 1, "smoke", "bn_add_relu"),
     ]

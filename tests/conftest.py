@@ -12,6 +12,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# A private inductor cache per test session: torch's compiled-graph caches do not key on a
+# custom op's schema, so graphs compiled against an older tritonbn would be replayed.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritonbn-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 import contextlib  # noqa: E402
 
 import pytest  # noqa: E402
