@@ -119,15 +119,15 @@ def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, str
     return tl.sum(sum_dz), tl.sum(sum_dz_xmu)
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
+@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     PartSumDy, PartSumDyXhat,  # [split_n * split_s, C] partial sums (ACC)
     N, C, S, stride_n, stride_c,
-    n_chunk, s_chunk, split_n, split_s,
+    n_chunk, s_chunk, bucket, split_n, split_s,  # bucket: autotune key only (configs.tuning_bucket)
     slope,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -150,15 +150,16 @@ def _bn_bwd_reduce_ncs(
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xmu * tl.load(Rstd + c))
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC", "ACTIVATION"])
+@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_fused_ncs(
     X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # = N, S (named as in the reduce kernel for tuning)
+    bucket,  # autotune key only (configs.tuning_bucket)
     inv_count,  # 1 / (N * S)
     slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -186,15 +187,15 @@ def _bn_bwd_fused_ncs(
                               TRAINING, WRITE_DR)
 
 
-@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC", "ACTIVATION"])
+@autotune("ncs_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_dx_ncs(
     X, DY, DX, R, DR,  # [N, C, S], same strides
     W, B, Mean, Rstd,  # [C]
     SumDy, SumDyXhat,  # [C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
-    s_chunk, n_bucket,  # s_chunk = S; n_bucket: autotune key only
+    s_chunk, bucket,  # s_chunk = S; bucket: autotune key only (configs.tuning_bucket)
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -251,15 +252,15 @@ def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd
     return sum_dz, sum_dz_xmu * rstd
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC", "ACTIVATION"])
+@autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
     PartSumDy, PartSumDyXhat,  # [split_m, C] partial sums (ACC)
     M, C, stride_m,
-    m_chunk, split_m, c_bucket,
+    m_chunk, split_m, bucket,  # bucket: autotune key only (configs.tuning_bucket)
     slope,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -281,15 +282,15 @@ def _bn_bwd_reduce_rows(
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat, mask=c_mask)
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC", "ACTIVATION"])
+@autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_fused_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     M, C, stride_m,
-    m_chunk, c_bucket,  # m_chunk = M
+    m_chunk, bucket,  # m_chunk = M; bucket: autotune key only (configs.tuning_bucket)
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -315,15 +316,15 @@ def _bn_bwd_fused_rows(
                           xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 
 
-@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC", "ACTIVATION"])
+@autotune("rows_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_dx_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
     SumDy, SumDyXhat,  # [C] combined sums (ACC), read when TRAINING
     M, C, stride_m,
-    m_bucket, c_bucket,  # autotune keys only
+    bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, slope,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,

@@ -148,9 +148,19 @@ def autotune(kind: str, key: list[str]):
     return decorate
 
 
-def size_bucket(n: int) -> int:
-    """Autotune key for a size: its next power of two, so nearby shapes share a tuned config."""
-    return triton.next_power_of_2(max(int(n), 1))
+def tuning_bucket(tile_size: int, count: int) -> int:
+    """Autotune key of a launch: both sizes rounded up to powers of two, packed in one int.
+
+    ``tile_size`` decides the tile's shape (the spatial extent for NCS, C for rows: the
+    heuristics take its next power of two); ``count`` is how far the program loops (rows,
+    batch). Shapes in the same bucket share a tuned config, so a new batch size within the
+    bucket does not tune again. The kernels mark the argument ``do_not_specialize``.
+    """
+    return _log2_bucket(tile_size) * 64 + _log2_bucket(count)
+
+
+def _log2_bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1)).bit_length() - 1
 
 
 def ncs_split(n: int, c: int, s: int, sm_count: int) -> tuple[int, int]:

@@ -101,15 +101,16 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
     return scale, shift
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
+@autotune("ncs_reduce", key=["bucket", "ACC"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
     PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC), mean shifted
     Shift,  # [C] out: the shift K = x[0, c, 0] of each channel's partial means (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # batch rows and spatial elements per program
+    bucket,  # autotune key only (configs.tuning_bucket)
     split_n, split_s,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -134,9 +135,9 @@ def _bn_fwd_stats_ncs(
     tl.store(PartM2 + offset, m2)
 
 
-@autotune("ncs_reduce", key=["s_chunk", "n_chunk", "ACC"])
+@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_fused_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
@@ -144,6 +145,7 @@ def _bn_fwd_fused_ncs(
     Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
+    bucket,  # autotune key only (configs.tuning_bucket)
     eps, slope,  # slope: leaky_relu's negative slope
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -168,9 +170,9 @@ def _bn_fwd_fused_ncs(
                                 ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
 
 
-@autotune("ncs_elementwise", key=["s_chunk", "n_bucket", "ACC"])
+@autotune("ncs_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_normalize_ncs(
     X, Y,  # [N, C, S] input and output
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
@@ -179,7 +181,7 @@ def _bn_fwd_normalize_ncs(
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval): what backward needs, in ACC
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     s_chunk,  # = S (named as in the stats kernel for the tile heuristic)
-    n_bucket,  # autotune key only: N rounded up to a power of two
+    bucket,  # autotune key only (configs.tuning_bucket)
     eps, slope,  # slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -267,16 +269,16 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
     return scale, shift
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
+@autotune("rows_reduce", key=["bucket", "ACC"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
     PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC), mean shifted
     Shift,  # [C] out: the shift K = x[0, c] of each channel's partial means (ACC)
     M, C, stride_m,
     m_chunk, split_m,  # rows per program, programs per channel block
-    c_bucket,  # autotune key only: C rounded up to a power of two
+    bucket,  # autotune key only (configs.tuning_bucket)
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -299,9 +301,9 @@ def _bn_fwd_stats_rows(
     tl.store(PartM2 + offset, m2, mask=c_mask)
 
 
-@autotune("rows_reduce", key=["m_chunk", "c_bucket", "ACC"])
+@autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_fused_rows(
     X, Y,  # [M, C] input and output
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
@@ -309,7 +311,7 @@ def _bn_fwd_fused_rows(
     Mean, Rstd, Var,  # [C] batch statistics out (ACC)
     M, C, stride_m, y_stride_m,
     m_chunk,  # = M (named as in the stats kernel for tuning)
-    c_bucket,
+    bucket,  # autotune key only (configs.tuning_bucket)
     eps, slope,  # slope: leaky_relu's negative slope
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -332,9 +334,9 @@ def _bn_fwd_fused_rows(
                              HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
 
 
-@autotune("rows_elementwise", key=["m_bucket", "c_bucket", "ACC"])
+@autotune("rows_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit
+@triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_normalize_rows(
     X, Y,  # [M, C] input and output
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
@@ -342,7 +344,7 @@ def _bn_fwd_normalize_rows(
     StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval), in ACC
     M, C, stride_m, y_stride_m,
-    m_bucket, c_bucket,  # autotune keys only
+    bucket,  # autotune key only (configs.tuning_bucket)
     eps, slope,  # slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,

@@ -192,13 +192,13 @@ def _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta) -> bo
             return False
         _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, r, w, b, mean, rstd, var,
                 view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.n, view.s, eps, slope, **meta)
+                view.n, view.s, cfg.tuning_bucket(view.s, view.n), eps, slope, **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
     _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, r, w, b, mean, rstd, var,
-            view.m, c, view.stride_m, view.stride_m, view.m, cfg.size_bucket(c), eps, slope, **meta)
+            view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), eps, slope, **meta)
     return True
 
 
@@ -213,13 +213,14 @@ def _split_stats(x, view, mean, rstd, var, eps) -> None:
         splits = split_n * split_s
         parts = _empty((3, splits, c), acc, x.device)
         _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], shift,
-                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, **meta)
+                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
+                split_n, split_s, **meta)
     else:
         splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((3, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
         _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2], shift,
-                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), **meta)
+                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), **meta)
     _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, eps,
             ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
@@ -230,12 +231,12 @@ def _normalize(x, y, r, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, 
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
         _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
                 mean, rstd, var, view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.s, cfg.size_bucket(view.n), eps, slope, FROM_RUNNING=from_running, **meta)
+                view.s, cfg.tuning_bucket(view.s, view.n), eps, slope, FROM_RUNNING=from_running, **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
         _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
-                mean, rstd, var, view.m, view.c, view.stride_m, view.stride_m, cfg.size_bucket(view.m),
-                cfg.size_bucket(view.c), eps, slope, FROM_RUNNING=from_running, **meta)
+                mean, rstd, var, view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m),
+                eps, slope, FROM_RUNNING=from_running, **meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,13 +338,14 @@ def _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, in
         if split_n * split_s > 1:
             return False
         _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
-                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, inv_count, slope, **meta)
+                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, cfg.tuning_bucket(view.s, view.n),
+                inv_count, slope, **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
     _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
-            view.m, c, view.stride_m, view.m, cfg.size_bucket(c), inv_count, slope, **meta)
+            view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), inv_count, slope, **meta)
     return True
 
 
@@ -357,14 +359,15 @@ def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta) -
         splits = split_n * split_s
         parts = _empty((2, splits, c), acc, x.device)
         _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, w, b, mean, rstd, parts[0], parts[1],
-                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, split_n, split_s, slope,
+                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
+                split_n, split_s, slope,
                 **reduce_meta)
     else:
         splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((2, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
         _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, w, b, mean, rstd, parts[0], parts[1],
-                view.m, c, view.stride_m, m_chunk, splits, cfg.size_bucket(c), slope, **reduce_meta)
+                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), slope, **reduce_meta)
     sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
@@ -375,12 +378,12 @@ def _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sum_dy, sum_dy_xhat, inv_count
     if view.kind == "ncs":
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
         _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
-                view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.size_bucket(view.n),
+                view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n),
                 inv_count, slope, **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
         _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
-                view.m, view.c, view.stride_m, cfg.size_bucket(view.m), cfg.size_bucket(view.c), inv_count, slope,
+                view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m), inv_count, slope,
                 **meta)
 
 
