@@ -6,7 +6,9 @@ training step stays CUDA-graph capturable. Sizes come from shapes, which the hos
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import triton
@@ -39,10 +41,17 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out.fill_(float("nan")) if poison_outputs else out
 
 
+# Triton's interpreter patches triton.language globally for the length of a launch, so two
+# threads interpreting at once break each other: interpreted launches take turns. Compiled
+# launches need no lock.
+_interpreter_lock = threading.RLock() if cfg.INTERPRETER else contextlib.nullcontext()
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     global launch_count
-    launch_count += 1
-    kernel[grid](*args, **kwargs)
+    with _interpreter_lock:
+        launch_count += 1
+        kernel[grid](*args, **kwargs)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
