@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .activation import activation_grad
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, ncs_program_chunk
 from .configs import autotune
 
 
@@ -134,14 +134,8 @@ def _bn_bwd_reduce_ncs(
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: C * split_n * split_s programs, as in the forward statistics kernel.
-    pid = tl.program_id(0)
-    splits = split_n * split_s
-    c = pid // splits
-    part = pid % splits
-    n_begin = (part // split_s) * n_chunk
-    s_begin = (part % split_s) * s_chunk
-    n_end = tl.minimum(n_begin + n_chunk, N)
-    s_end = tl.minimum(s_begin + s_chunk, S)
+    c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
+                                                                split_n, split_s)
     w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
                                            tl.load(Mean + c), tl.load(Rstd + c), w, b, slope,

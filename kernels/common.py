@@ -38,6 +38,21 @@ def rsqrt_rn(v, ACC: tl.constexpr):
         return 1.0 / tl.sqrt_rn(v)
 
 
+@triton.jit
+def ncs_program_chunk(pid, N, S, n_chunk, s_chunk, split_n, split_s):
+    """The channel and the [n_begin, n_end) x [s_begin, s_end) chunk of a split-route program.
+
+    Grid: C * split_n * split_s programs; a channel's programs are adjacent, ``part`` indexes
+    the partial-result row.
+    """
+    splits = split_n * split_s
+    c = pid // splits
+    part = pid % splits
+    n_begin = (part // split_s) * n_chunk
+    s_begin = (part % split_s) * s_chunk
+    return c, part, n_begin, tl.minimum(n_begin + n_chunk, N), s_begin, tl.minimum(s_begin + s_chunk, S)
+
+
 def ncs_tile_shape(args: dict) -> dict:
     """[BLOCK_N, BLOCK_S] for a TILE of one channel: as wide along spatial as the chunk allows."""
     block_s = min(triton.next_power_of_2(args["s_chunk"]), args["TILE"])

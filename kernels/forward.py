@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .activation import activate
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, rsqrt_rn
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, ncs_program_chunk, rsqrt_rn
 from .configs import PER_CHANNEL_BLOCK, autotune
 
 # ----------------------------------------------------------------------------------------------
@@ -116,14 +116,8 @@ def _bn_fwd_stats_ncs(
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: C * split_n * split_s programs; a channel's programs are adjacent.
-    pid = tl.program_id(0)
-    splits = split_n * split_s
-    c = pid // splits
-    part = pid % splits
-    n_begin = (part // split_s) * n_chunk
-    s_begin = (part % split_s) * s_chunk
-    n_end = tl.minimum(n_begin + n_chunk, N)
-    s_end = tl.minimum(s_begin + s_chunk, S)
+    c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
+                                                                split_n, split_s)
     shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
     count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
