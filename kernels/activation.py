@@ -3,8 +3,8 @@
     z = BN(x) + residual
     y = act(z)            act in {identity, relu, silu, leaky_relu(slope)}
 
-Backward needs act'(z): for relu and leaky_relu only the sign of z, read off the output y;
-for silu, z itself, recomputed from x, the saved statistics, the affine parameters and the
+Backward needs act'(z): for relu only the sign of z, read off the output y; for silu and
+leaky_relu, z itself, recomputed from x, the saved statistics, the affine parameters and the
 residual. No mask or pre-activation is stored.
 """
 

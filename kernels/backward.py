@@ -31,9 +31,10 @@ def _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
                    ACC: tl.constexpr):
     """x and dz at offset. Masked lanes give dy = 0, hence dz = 0: they add to no sum.
 
-    R_IS_OUTPUT: R holds the forward's output y. For relu and leaky_relu (slope > 0) the sign
-    of y is the sign of z, which is all act' needs, and y is usually kept alive anyway (the
-    next layer saves it), whereas holding the residual could keep an extra tensor alive.
+    R_IS_OUTPUT: R holds the forward's output y. For relu the sign of y is the sign of z,
+    which is all act' needs, and y is usually kept alive anyway (the next layer saves it),
+    whereas holding the residual could keep an extra tensor alive. (Also right for leaky_relu
+    with a positive slope; tritonbn/_ops.py decides when to use it.)
     """
     x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     dz = tl.load(DY + offset, mask=mask, other=0.0).to(ACC)

@@ -44,6 +44,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -142,6 +143,9 @@ def prepare(smoke_forced: bool, autotune: bool) -> RunEnv:
         torch.set_num_threads(1)
     if not autotune:
         os.environ["TRITONBN_AUTOTUNE"] = "0"
+    # A fresh tuning cache, so that the first call of each shape shows the real tuning cost
+    # (the "first call" lines); a cache of an earlier run would hide it.
+    os.environ.setdefault("TRITONBN_CACHE_DIR", tempfile.mkdtemp(prefix="tritonbn-report-tuning-"))
     import triton
 
     import tritonbn
@@ -576,6 +580,7 @@ class Report:
         self.start = time.monotonic()
         self.issues: list[str] = []
         self.skipped: list[str] = []
+        self.first_calls: list[tuple[str, float]] = []
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -639,6 +644,31 @@ class Report:
                     if self.env.cuda:
                         torch.cuda.empty_cache()
 
+    def first_call(self, case: shapes.Case, params: dict, inputs: tuple, dy: torch.Tensor, tag: str) -> None:
+        """Wall time of tritonbn's first training step on this shape: compile and autotune
+        included when the shape bucket is new (the cost a user pays once per bucket)."""
+        build = build_fused_module if case.op != common.BATCH_NORM else build_module
+        module, call = build("tritonbn", case, params, self.env.device)
+        if self.env.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = call(*inputs)
+        torch.autograd.grad(out, inputs, dy)
+        if self.env.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.first_calls.append((tag, seconds))
+        self.log(f"first call {tag}: {seconds:.2f} s (compile + autotune when the shape bucket is new)")
+
+    def first_call_lines(self) -> list[str]:
+        if not self.first_calls:
+            return []
+        times = sorted(t for _, t in self.first_calls)
+        worst = max(self.first_calls, key=lambda item: item[1])
+        return [f"first call per new shape (tritonbn forward+backward, compile + autotune, fresh tuning cache): "
+                f"median {times[len(times) // 2]:.2f} s, max {worst[1]:.2f} s ({worst[0]}), "
+                f"{len(times)} shape(s); later processes read the tuned configs from disk"]
+
     def modes(self, case: shapes.Case) -> list[str]:
         """The modes to run on a case: the fused ops have no eval."""
         if case.op == common.BATCH_NORM:
@@ -671,6 +701,8 @@ class Report:
         else:
             inputs = [(x,) for x in xs]
         route = _launch.route(xs[0])
+        if "tritonbn" in providers:
+            self.first_call(case, params, inputs[0], dys[0], tag)
 
         if fused:
             results = check_fused(case, params, xs[0], inputs[0][1] if with_residual else None, dys[0], dtype,
@@ -775,7 +807,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, issues: list[str]) -> int:
+def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, issues: list[str],
+           notes: list[str] | None = None) -> int:
     """Plots, summary.txt, the problem list, then the summary table (printed last)."""
     if plot:
         try:
@@ -787,7 +820,7 @@ def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, i
             traceback.print_exc()
             issues.append("plotting failed")
     rows = [r for r in common.read_rows(csv_path) if device_name is None or r["device"] == device_name]
-    lines = common.summary_lines(rows)
+    lines = (notes or []) + common.summary_lines(rows)
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if issues:
         print(f"\n{len(issues)} PROBLEM(S):")
@@ -836,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.skipped:
         print(f"time budget of {args.time_budget:.0f}s reached: {len(report.skipped)} case(s) not run "
               f"(run again with --resume to add them): {', '.join(report.skipped)}")
-    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues)
+    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues, report.first_call_lines())
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_gradcheck_float64(activation, training):
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "leaky_relu"])
 def test_no_new_tensor_saved_for_backward(activation):
-    """Backward keeps x and the output (relu, leaky_relu) or the residual (silu): tensors that
+    """Backward keeps x and the output (relu) or the residual (silu, leaky_relu): tensors that
     exist anyway. Never a mask or a pre-activation of its own."""
     x = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
     r = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
@@ -188,5 +188,16 @@ def test_no_new_tensor_saved_for_backward(activation):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), triton_ran():
         y = bn(x, r)
     large = {t.data_ptr() for t in saved if t.numel() == x.numel()}
-    expected = {x.data_ptr(), y.data_ptr() if activation != "silu" else r.data_ptr()}
+    expected = {x.data_ptr(), y.data_ptr() if activation == "relu" else r.data_ptr()}
     assert large == expected
+
+
+def test_output_may_change_in_place_after_leaky_relu_like_torch():
+    # torch's leaky_relu saves its input, so y += 1 before backward is legal; it must stay so.
+    x = torch.randn(4, 3, 5, 5, device=DEVICE, requires_grad=True)
+    bn = tritonbn.BatchNormAct2d(3, activation="leaky_relu").to(DEVICE)
+    with triton_ran():
+        y = bn(x)
+        y += 1
+        y.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -13,7 +13,7 @@ and recomputation can never apply the update twice. Each op has a fake implement
 ``torch.compile(fullgraph=True)`` traces through without a graph break.
 
 Backward saves x, the parameters and the statistics; with a fused activation also the output
-(relu, leaky_relu: its sign is the mask) or the residual (silu: z is recomputed). No mask or
+(relu: its sign is the mask) or the residual (silu, leaky_relu: z is recomputed). No mask or
 pre-activation tensor is ever stored.
 """
 
@@ -103,11 +103,12 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, _, _, training, _, residual, activation, slope = inputs
     y, mean, rstd, _ = output
-    # act'(z) needs z's sign only for relu and leaky_relu (slope > 0): the output has it, and
-    # the next layer keeps the output alive anyway. Holding the residual instead could keep a
-    # tensor alive that torch would free (a downsample branch's output). silu needs z itself,
-    # recomputed from x and the residual.
-    ctx.mask_from_output = activation == ACTIVATIONS["relu"] or (activation == ACTIVATIONS["leaky_relu"] and slope > 0)
+    # relu's act'(z) needs only z's sign, which its output has: torch's relu saves its output
+    # too, so the same tensors stay alive and an in-place change of y fails backward in both.
+    # Holding the residual instead could keep a tensor alive that torch frees (a downsample
+    # branch's output). silu and leaky_relu save their input in torch (y may be changed in
+    # place afterwards): z is recomputed here from x and the residual.
+    ctx.mask_from_output = activation == ACTIVATIONS["relu"]
     kept = y if ctx.mask_from_output else (residual if activation else None)
     ctx.save_for_backward(input, weight, bias, mean, rstd, kept)
     ctx.training = training
