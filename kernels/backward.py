@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .activation import activation_grad
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, ncs_program_chunk
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, exact_scalar, ncs_program_chunk
 from .configs import autotune
 
 
@@ -129,11 +129,12 @@ def _bn_bwd_reduce_ncs(
     PartSumDy, PartSumDyXhat,  # [split_n * split_s, C] partial sums (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, bucket, split_n, split_s,  # bucket: autotune key only (configs.tuning_bucket)
-    slope,
+    slope, slope_lo,  # a float pair (common.exact_scalar)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: C * split_n * split_s programs, as in the forward statistics kernel.
     c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
                                                                 split_n, split_s)
@@ -155,13 +156,15 @@ def _bn_bwd_fused_ncs(
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # = N, S (named as in the reduce kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
-    inv_count,  # 1 / (N * S)
-    slope,
+    inv_count, inv_count_lo,  # 1 / (N * S), a float pair (common.exact_scalar)
+    slope, slope_lo,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per channel: sums over the channel, then dx over it.
     c = tl.program_id(0)
     mean = tl.load(Mean + c)
@@ -191,12 +194,14 @@ def _bn_bwd_dx_ncs(
     SumDy, SumDyXhat,  # [C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
     s_chunk, bucket,  # s_chunk = S; bucket: autotune key only (configs.tuning_bucket)
-    inv_count, slope,
+    inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: C * cdiv(N, BLOCK_N) * cdiv(S, BLOCK_S) programs, one tile each.
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -256,11 +261,12 @@ def _bn_bwd_reduce_rows(
     PartSumDy, PartSumDyXhat,  # [split_m, C] partial sums (ACC)
     M, C, stride_m,
     m_chunk, split_m, bucket,  # bucket: autotune key only (configs.tuning_bucket)
-    slope,
+    slope, slope_lo,  # a float pair (common.exact_scalar)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(C, BLOCK_C) * split_m programs.
     pid = tl.program_id(0)
     part = pid % split_m
@@ -286,12 +292,14 @@ def _bn_bwd_fused_rows(
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     M, C, stride_m,
     m_chunk, bucket,  # m_chunk = M; bucket: autotune key only (configs.tuning_bucket)
-    inv_count, slope,
+    inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -320,12 +328,14 @@ def _bn_bwd_dx_rows(
     SumDy, SumDyXhat,  # [C] combined sums (ACC), read when TRAINING
     M, C, stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
-    inv_count, slope,
+    inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C) programs.
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, BLOCK_C)

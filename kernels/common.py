@@ -31,11 +31,20 @@ def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 @triton.jit
 def rsqrt_rn(v, ACC: tl.constexpr):
-    """1 / sqrt(v) with a correctly rounded square root (tl.sqrt_rn is float32-only)."""
+    """1 / sqrt(v), square root and division correctly rounded (a plain `/` compiles to an
+    approximate float32 divide; tl.sqrt_rn and tl.div_rn are float32-only)."""
     if ACC == tl.float64:
         return 1.0 / tl.sqrt(v)
     else:
-        return 1.0 / tl.sqrt_rn(v)
+        return tl.div_rn(1.0, tl.sqrt_rn(v))
+
+
+@triton.jit
+def exact_scalar(hi, lo, ACC: tl.constexpr):
+    """A Python float passed as (float32 value, float32 remainder): Triton types every float
+    argument as float32, which would round eps, momentum or 1/M for a float64 input. The
+    pair carries about 48 bits; the launcher splits it (tritonbn/_launch.py: _pair)."""
+    return tl.zeros([], ACC) + hi + lo
 
 
 @triton.jit

@@ -140,9 +140,10 @@ def autotune(kind: str, key: list[str]):
 
     def decorate(fn):
         tuner = tune(fn)
-        if AUTOTUNE_DISK_CACHE:
-            # Our disk cache instead of Triton's cache_results, which crashes on a corrupt file.
-            tuner.__class__ = DiskCachedAutotuner
+        # Our subclass: a disk cache that survives corrupt files (Triton's cache_results does
+        # not), a lock around tuning, and no tuning during a CUDA graph capture.
+        tuner.__class__ = DiskCachedAutotuner
+        tuner.use_disk = AUTOTUNE_DISK_CACHE
         return tuner
 
     return decorate

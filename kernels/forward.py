@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .activation import activate
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, ncs_program_chunk, rsqrt_rn
+from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, exact_scalar, ncs_program_chunk, rsqrt_rn
 from .configs import PER_CHANNEL_BLOCK, autotune
 
 # ----------------------------------------------------------------------------------------------
@@ -140,11 +140,13 @@ def _bn_fwd_fused_ncs(
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
-    eps, slope,  # slope: leaky_relu's negative slope
+    eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    eps = exact_scalar(eps, eps_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per channel, which reads its channel twice (the second time from L2).
     c = tl.program_id(0)
     shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
@@ -176,12 +178,14 @@ def _bn_fwd_normalize_ncs(
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     s_chunk,  # = S (named as in the stats kernel for the tile heuristic)
     bucket,  # autotune key only (configs.tuning_bucket)
-    eps, slope,  # slope: leaky_relu's negative slope
+    eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    eps = exact_scalar(eps, eps_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: C * cdiv(N, BLOCK_N) * cdiv(S, BLOCK_S) programs, one tile each.
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -306,11 +310,13 @@ def _bn_fwd_fused_rows(
     M, C, stride_m, y_stride_m,
     m_chunk,  # = M (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
-    eps, slope,  # slope: leaky_relu's negative slope
+    eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    eps = exact_scalar(eps, eps_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels, over all M rows, twice.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -339,12 +345,14 @@ def _bn_fwd_normalize_rows(
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval), in ACC
     M, C, stride_m, y_stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
-    eps, slope,  # slope: leaky_relu's negative slope
+    eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    eps = exact_scalar(eps, eps_lo, ACC)
+    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C) programs; neighbours share rows.
     pid = tl.program_id(0)
     tiles_c = tl.cdiv(C, BLOCK_C)
@@ -376,9 +384,10 @@ def _bn_fwd_combine(
     PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC), mean shifted
     Shift,  # [C] each channel's shift (ACC)
     Mean, Rstd, Var,  # [C] out (ACC)
-    C, splits, eps,
+    C, splits, eps, eps_lo,  # eps as a float pair (common.exact_scalar)
     ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    eps = exact_scalar(eps, eps_lo, ACC)
     # grid: cdiv(C, BLOCK_C). Partials are merged in a fixed order: the same bits every run.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C

@@ -15,6 +15,8 @@ trial runs can not apply the update twice.
 import triton
 import triton.language as tl
 
+from .common import exact_scalar
+
 
 @triton.jit
 def _bn_update_running_stats(
@@ -22,7 +24,7 @@ def _bn_update_running_stats(
     Mean, Var,  # [C] batch mean and biased variance (ACC)
     NumBatchesTracked,  # [] int64 counter, read when CUMULATIVE
     Count,  # [C] element counts (ACC), read when DEVICE_COUNT
-    C, momentum, bessel,  # bessel = M / (M - 1) when M is a host number
+    C, momentum, momentum_lo, bessel, bessel_lo,  # float pairs (common.exact_scalar); bessel = M / (M - 1)
     CUMULATIVE: tl.constexpr, DEVICE_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: cdiv(C, BLOCK_C).
@@ -31,7 +33,7 @@ def _bn_update_running_stats(
     if CUMULATIVE:
         factor = 1.0 / tl.load(NumBatchesTracked).to(ACC)
     else:
-        factor = tl.zeros([], ACC) + momentum
+        factor = exact_scalar(momentum, momentum_lo, ACC)
     running_mean = tl.load(RunningMean + c, mask=c_mask, other=0.0).to(ACC)
     running_var = tl.load(RunningVar + c, mask=c_mask, other=0.0).to(ACC)
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
@@ -40,6 +42,8 @@ def _bn_update_running_stats(
     if DEVICE_COUNT:
         count = tl.load(Count + c, mask=c_mask, other=2.0)
         bessel = count / tl.maximum(count - 1.0, 1.0)
+    else:
+        bessel = exact_scalar(bessel, bessel_lo, ACC)
     running_var = factor * (var * bessel) + (1.0 - factor) * running_var
     tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
     tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def _target_name() -> str:
 
 
 class DiskCachedAutotuner(Autotuner):
-    """triton.autotune's Autotuner, with tuned configs read from and written to disk."""
+    """triton.autotune's Autotuner, with tuned configs read from and written to disk (unless
+    ``use_disk`` is False), one tuning at a time per kernel, and no tuning inside a CUDA graph
+    capture."""
 
     def _tuning_key(self, args, kwargs):
         # The same key as Autotuner.run builds (Triton 3.6 to 3.9): key args, then tensor dtypes.
@@ -103,17 +106,48 @@ class DiskCachedAutotuner(Autotuner):
         ]).encode()).hexdigest()[:24]
         return cache_dir() / f"{fn.__name__}-{fingerprint}.json"
 
+    use_disk = True
+
     def run(self, *args, **kwargs):
         if len(self.configs) < 2:
             return super().run(*args, **kwargs)
         key = self._tuning_key(args, kwargs)
-        text_key = repr(tuple(str(k) for k in key))
-        if key not in self.cache:
-            index = load_entry(self._cache_path(), text_key, len(self.configs))
-            if index is not None:
-                self.cache[key] = self.configs[index]
-        tuned_before = key in self.cache
-        result = super().run(*args, **kwargs)
-        if not tuned_before and key in self.cache:
-            store_entry(self._cache_path(), text_key, self.configs.index(self.cache[key]))
-        return result
+        if key in self.cache:  # the common case: no lock, no file
+            return super().run(*args, **kwargs)
+        if _capturing_cuda_graph():
+            # Benchmarking synchronises, which a graph capture forbids: run the default config
+            # untuned (and remember nothing); tuning happens on the next call outside capture.
+            return self.fn.run(*args, **kwargs, **self.configs[0].all_kwargs())
+        # Autotuner.run keeps per-call state on the shared object (self.nargs): one tuning at
+        # a time per kernel, so threads tuning a new shape at once do not trample each other.
+        with self._tuning_lock():
+            if key in self.cache:
+                return super().run(*args, **kwargs)
+            text_key = repr(tuple(str(k) for k in key))
+            if self.use_disk:
+                index = load_entry(self._cache_path(), text_key, len(self.configs))
+                if index is not None:
+                    self.cache[key] = self.configs[index]
+            tuned_before = key in self.cache
+            result = super().run(*args, **kwargs)
+            if self.use_disk and not tuned_before and key in self.cache:
+                store_entry(self._cache_path(), text_key, self.configs.index(self.cache[key]))
+            return result
+
+    def _tuning_lock(self) -> threading.Lock:
+        with _LOCKS_GUARD:
+            if not hasattr(self, "_lock"):
+                self._lock = threading.Lock()
+            return self._lock
+
+
+_LOCKS_GUARD = threading.Lock()
+
+
+def _capturing_cuda_graph() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return False

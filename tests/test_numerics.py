@@ -78,8 +78,8 @@ def _check_step(ref, ours, x, dtype, grad_scale=1.0):
         _assert_close(ours.weight.grad, ref.weight.grad, dtype, scale=math.sqrt(n) * grad_scale, msg="dweight")
         _assert_close(ours.bias.grad, ref.bias.grad, dtype, scale=math.sqrt(n) * grad_scale, msg="dbias")
     if ref.track_running_stats:
-        _assert_close(ours.running_mean, ref.running_mean, torch.float32 if dtype == torch.float64 else dtype)
-        _assert_close(ours.running_var, ref.running_var, torch.float32 if dtype == torch.float64 else dtype)
+        _assert_close(ours.running_mean, ref.running_mean, dtype)
+        _assert_close(ours.running_var, ref.running_var, dtype)
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
@@ -263,3 +263,28 @@ def test_same_input_same_bits():
         results.append((y.detach().clone(), x.grad.clone(), bn.weight.grad.clone(), bn.running_var.clone()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_float64_exact_when_float_arguments_are_float32(monkeypatch):
+    """Compiled Triton types every Python float argument as float32 (the interpreter keeps
+    float64): eps, momentum and 1/M must still reach a float64 kernel exactly. Emulate the
+    compiler's rounding here so that the CPU suite checks what a GPU would compute."""
+    import struct
+
+    real_launch = _launch._launch
+
+    def float32_arguments(kernel, grid, *args, **kwargs):
+        rounded = [struct.unpack("f", struct.pack("f", a))[0] if isinstance(a, float) else a for a in args]
+        return real_launch(kernel, grid, *rounded, **kwargs)
+
+    monkeypatch.setattr(_launch, "_launch", float32_arguments)
+    torch.manual_seed(10)
+    shape = (4, 3, 5, 7)
+    for memory_format in (None, torch.channels_last):
+        ref, ours = _pair(shape, dtype=torch.float64, momentum=0.3, eps=1e-3)
+        for _ in range(2):
+            _check_step(ref, ours, _random_input(shape, dtype=torch.float64, memory_format=memory_format),
+                        torch.float64)
+    x = _random_input((2, 3, 150, 150), dtype=torch.float64)  # the split route's kernels too
+    ref, ours = _pair(tuple(x.shape), dtype=torch.float64, momentum=None, eps=1e-3)
+    _check_step(ref, ours, x, torch.float64)

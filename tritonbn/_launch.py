@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 import threading
 
 import torch
@@ -49,9 +50,18 @@ _interpreter_lock = threading.RLock() if cfg.INTERPRETER else contextlib.nullcon
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
     global launch_count
-    with _interpreter_lock:
+    # Triton launches on the *current* CUDA device and its stream: make that the tensors' one.
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with _interpreter_lock, on_device:
         launch_count += 1
         kernel[grid](*args, **kwargs)
+
+
+def _pair(value: float) -> tuple[float, float]:
+    """(float32 value, float32 remainder) of a float: see kernels/common.py exact_scalar."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, float(value) - hi
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -160,7 +170,7 @@ def combine_stats(
     mean, rstd, var = _stat_vectors(means, c)
     shift = torch.zeros(c, dtype=means.dtype, device=means.device)
     _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            counts.contiguous(), means.contiguous(), m2s.contiguous(), shift, mean, rstd, var, c, parts, eps,
+            counts.contiguous(), means.contiguous(), m2s.contiguous(), shift, mean, rstd, var, c, parts, *_pair(eps),
             ACC=_tl_acc(means.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     return mean, rstd, var
 
@@ -201,13 +211,14 @@ def _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta) -> bo
             return False
         _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, r, w, b, mean, rstd, var,
                 view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.n, view.s, cfg.tuning_bucket(view.s, view.n), eps, slope, **meta)
+                view.n, view.s, cfg.tuning_bucket(view.s, view.n), *_pair(eps), *_pair(slope), **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
     _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, r, w, b, mean, rstd, var,
-            view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), eps, slope, **meta)
+            view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), *_pair(eps), *_pair(slope),
+            **meta)
     return True
 
 
@@ -231,7 +242,7 @@ def _split_stats(x, view, mean, rstd, var, eps) -> None:
         _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2], shift,
                 view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), **meta)
     _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, eps,
+            parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, *_pair(eps),
             ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
 
 
@@ -240,12 +251,13 @@ def _normalize(x, y, r, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, 
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
         _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
                 mean, rstd, var, view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.s, cfg.tuning_bucket(view.s, view.n), eps, slope, FROM_RUNNING=from_running, **meta)
+                view.s, cfg.tuning_bucket(view.s, view.n), *_pair(eps), *_pair(slope), FROM_RUNNING=from_running,
+                **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
         _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
                 mean, rstd, var, view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m),
-                eps, slope, FROM_RUNNING=from_running, **meta)
+                *_pair(eps), *_pair(slope), FROM_RUNNING=from_running, **meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,13 +360,13 @@ def _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, in
             return False
         _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
                 view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, cfg.tuning_bucket(view.s, view.n),
-                inv_count, slope, **meta)
+                *_pair(inv_count), *_pair(slope), **meta)
         return True
     if _rows_split(view, x.device)[0] > 1:
         return False
     grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
     _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
-            view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), inv_count, slope, **meta)
+            view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), *_pair(inv_count), *_pair(slope), **meta)
     return True
 
 
@@ -369,14 +381,14 @@ def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta) -
         parts = _empty((2, splits, c), acc, x.device)
         _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, w, b, mean, rstd, parts[0], parts[1],
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
-                split_n, split_s, slope,
+                split_n, split_s, *_pair(slope),
                 **reduce_meta)
     else:
         splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((2, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
         _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, w, b, mean, rstd, parts[0], parts[1],
-                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), slope, **reduce_meta)
+                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), *_pair(slope), **reduce_meta)
     sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
             parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
@@ -388,11 +400,11 @@ def _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sum_dy, sum_dy_xhat, inv_count
         grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
         _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
                 view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n),
-                inv_count, slope, **meta)
+                *_pair(inv_count), *_pair(slope), **meta)
     else:
         grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
         _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
-                view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m), inv_count, slope,
+                view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m), *_pair(inv_count), *_pair(slope),
                 **meta)
 
 
@@ -424,7 +436,7 @@ def update_running_stats(
             targets[0], targets[1], mean, var,
             num_batches_tracked if num_batches_tracked is not None else mean,
             device_count if device_count is not None else mean,
-            c, float(momentum), count / max(count - 1, 1),
+            c, *_pair(momentum), *_pair(count / max(count - 1, 1)),
             CUMULATIVE=num_batches_tracked is not None, DEVICE_COUNT=device_count is not None,
             ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     for target, original in zip(targets, (running_mean, running_var)):

@@ -116,15 +116,15 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
                               bn_training and not need_sync)
 
+        if not need_sync and world_size > 1:
+            # CPU without the interpreter: torch's own SyncBatchNorm does the work (and counts).
+            return super().forward(input)
         num_batches_tracked = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 num_batches_tracked = self.num_batches_tracked
         if not need_sync:
-            if world_size > 1:
-                # CPU without the interpreter: torch's own SyncBatchNorm does the work.
-                return super().forward(input)
             return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
                                self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
