@@ -120,7 +120,7 @@ def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, str
     return tl.sum(sum_dz), tl.sum(sum_dz_xmu)
 
 
-@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
+@autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_ncs(
@@ -146,7 +146,7 @@ def _bn_bwd_reduce_ncs(
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xmu * tl.load(Rstd + c))
 
 
-@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
+@autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_fused_ncs(

@@ -59,6 +59,13 @@ _NCS_REDUCE = [
     _config(1024, 4),
     _config(8192, 8),
 ]
+# Backward's NCS reductions load two or three tensors per element and recompute the
+# activation: with 8 warps, or tiles of 4096, ptxas kept a few bytes of stack frame on some
+# targets (perf/static_checks.py), so smaller tiles at 4 warps.
+_NCS_REDUCE_BWD = [
+    _config(2048, 4),
+    _config(1024, 4),
+]
 _NCS_ELEMENTWISE = [
     _config(2048, 4),
     _config(4096, 8),
@@ -80,19 +87,22 @@ _ROWS_ELEMENTWISE = [
     _config(1024, 4, MAX_BLOCK_C=32),
     _config(8192, 8, MAX_BLOCK_C=128),
 ]
+_FAMILIES = {
+    "ncs_reduce": _NCS_REDUCE,
+    "ncs_reduce_bwd": _NCS_REDUCE_BWD,
+    "ncs_elementwise": _NCS_ELEMENTWISE,
+    "rows_reduce": _ROWS_REDUCE,
+    "rows_elementwise": _ROWS_ELEMENTWISE,
+}
+FAMILIES = tuple(_FAMILIES)  # the config family names, for the static checks and tests
+
 # Per-channel vectors (combining partial statistics, running-stat update): tiny work.
 PER_CHANNEL_BLOCK = 128
 
 
 def configs(kind: str) -> list[triton.Config]:
     """The autotune configs of one kernel family; one config when tuning is impossible or off."""
-    table = {
-        "ncs_reduce": _NCS_REDUCE,
-        "ncs_elementwise": _NCS_ELEMENTWISE,
-        "rows_reduce": _ROWS_REDUCE,
-        "rows_elementwise": _ROWS_ELEMENTWISE,
-    }
-    chosen = table[kind]
+    chosen = _FAMILIES[kind]
     if INTERPRETER:
         # Fewer, larger programs: the interpreter's cost is per program and per op.
         return [_config(chosen[0].kwargs["TILE"] * 2, 4, **{k: v for k, v in chosen[0].kwargs.items() if k != "TILE"})]
@@ -101,12 +111,7 @@ def configs(kind: str) -> list[triton.Config]:
 
 def all_configs(kind: str) -> list[triton.Config]:
     """Every config of a family, whatever the environment (for ahead-of-time compile checks)."""
-    return {
-        "ncs_reduce": _NCS_REDUCE,
-        "ncs_elementwise": _NCS_ELEMENTWISE,
-        "rows_reduce": _ROWS_REDUCE,
-        "rows_elementwise": _ROWS_ELEMENTWISE,
-    }[kind]
+    return _FAMILIES[kind]
 
 
 def _elements_per_program(args: dict) -> int:

@@ -275,7 +275,7 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
 def _autotune_kind(autotuner) -> str:
     from tritonbn.kernels import configs as cfg
 
-    for kind in ("ncs_reduce", "ncs_elementwise", "rows_reduce", "rows_elementwise"):
+    for kind in cfg.FAMILIES:
         if autotuner.configs is cfg.all_configs(kind):
             return kind
     raise RuntimeError(f"{autotuner.base_fn.__name__}: its autotune configs are none of all_configs(kind)")
@@ -347,7 +347,7 @@ def config_labels() -> dict[str, list[str]]:
     from tritonbn.kernels import configs as cfg
 
     return {kind: [_config_label(c) for c in cfg.all_configs(kind)]
-            for kind in ("ncs_reduce", "ncs_elementwise", "rows_reduce", "rows_elementwise")}
+            for kind in cfg.FAMILIES}
 
 
 def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
