@@ -320,8 +320,9 @@ def _specialise(jit, args: tuple, kwargs: dict, target: tuple):
     backend = make_backend(GPUTarget(*target))
     # The options JITFunction.run adds before binding (kernels here set no debug of their own).
     kwargs = dict(kwargs, debug=bool(jit.debug or knobs.runtime.debug),
-                  instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton >= 3.7 adds this option
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
