@@ -56,3 +56,19 @@ def test_pruning_drops_tiles_larger_than_the_work():
     assert [c.kwargs["TILE"] for c in small] == [1024]
     large = cfg.prune_configs(cfg.all_configs("rows_elementwise"), {"M": 100000, "C": 256})
     assert len(large) == len(cfg.all_configs("rows_elementwise"))
+
+
+def test_tuned_kernels_cannot_touch_running_statistics():
+    """The autotuner reruns a kernel once per config: only kernels whose every output is
+    freshly allocated may be tuned. The running statistics are updated by a kernel that is
+    never tuned, and no tuned kernel takes them as an argument it could write."""
+    from triton.runtime.autotuner import Autotuner
+
+    from tritonbn.kernels import backward, forward, running_stats
+
+    tuned = [obj for module in (forward, backward) for obj in vars(module).values() if isinstance(obj, Autotuner)]
+    assert len(tuned) == 12
+    for tuner in tuned:
+        assert not {"RunningMean", "RunningVar", "NumBatchesTracked"} & set(tuner.arg_names), tuner.base_fn.__name__
+    assert not isinstance(running_stats._bn_update_running_stats, Autotuner)
+    assert {"RunningMean", "RunningVar"} <= set(running_stats._bn_update_running_stats.arg_names)
