@@ -69,3 +69,16 @@ def _poison_kernel_outputs():
     _launch.poison_outputs = True
     yield
     _launch.poison_outputs = False
+
+
+def randomize_batch_norm(module, batches: int = 5):
+    """Non-trivial parameters and buffers (never the constructor's ones and zeros)."""
+    with torch.no_grad():
+        if module.affine:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_()
+        if module.track_running_stats:
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(batches)
+    return module

@@ -19,7 +19,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, TOLERANCES, triton_ran
+from conftest import DEVICE, TOLERANCES, randomize_batch_norm, triton_ran
 
 import tritonbn
 from tritonbn import _launch
@@ -45,16 +45,7 @@ def _random_input(shape, dtype=torch.float32, device=DEVICE, memory_format=None)
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
 
 
-def _randomize(module):
-    with torch.no_grad():
-        if module.affine:
-            module.weight.uniform_(0.5, 1.5)
-            module.bias.normal_()
-        if module.track_running_stats:
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-            module.num_batches_tracked.fill_(5)
-    return module
+_randomize = randomize_batch_norm
 
 
 def _pair(dims, num_features=3, **kwargs):
