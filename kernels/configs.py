@@ -13,6 +13,8 @@ Two kinds of choices live here:
 Environment switches:
 
 * ``TRITONBN_AUTOTUNE=0`` disables tuning: every kernel runs its default config.
+* ``torch.use_deterministic_algorithms(True)`` fixes the reduction kernels to their default
+  config, so their bits depend on the shape only, never on tuning timings.
 * ``TRITONBN_AUTOTUNE_CACHE=0`` keeps tuned configs in memory only (default: on disk, see
   tuning_cache.py, so a later process reuses them; ``TRITONBN_CACHE_DIR`` moves the files).
 """
@@ -95,6 +97,8 @@ _FAMILIES = {
     "rows_elementwise": _ROWS_ELEMENTWISE,
 }
 FAMILIES = tuple(_FAMILIES)  # the config family names, for the static checks and tests
+# Families whose kernels reduce (their bits depend on the config; see tuning_cache.py).
+REDUCING_FAMILIES = frozenset({"ncs_reduce", "ncs_reduce_bwd", "rows_reduce"})
 
 # Per-channel vectors (combining partial statistics, running-stat update): tiny work.
 PER_CHANNEL_BLOCK = 128
@@ -149,6 +153,7 @@ def autotune(kind: str, key: list[str]):
         # not), a lock around tuning, and no tuning during a CUDA graph capture.
         tuner.__class__ = DiskCachedAutotuner
         tuner.use_disk = AUTOTUNE_DISK_CACHE
+        tuner.reduces = kind in REDUCING_FAMILIES
         return tuner
 
     return decorate

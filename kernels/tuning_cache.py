@@ -86,8 +86,8 @@ def _target_name() -> str:
 
 class DiskCachedAutotuner(Autotuner):
     """triton.autotune's Autotuner, with tuned configs read from and written to disk (unless
-    ``use_disk`` is False), one tuning at a time per kernel, and no tuning inside a CUDA graph
-    capture."""
+    ``use_disk`` is False), one tuning at a time per kernel, no tuning inside a CUDA graph
+    capture, and fixed configs for reductions under torch.use_deterministic_algorithms."""
 
     def _tuning_key(self, args, kwargs):
         # The same key as Autotuner.run builds (Triton 3.6 to 3.9): key args, then tensor dtypes.
@@ -107,10 +107,16 @@ class DiskCachedAutotuner(Autotuner):
         return cache_dir() / f"{fn.__name__}-{fingerprint}.json"
 
     use_disk = True
+    # A reduction's bits depend on its tile and warps: with torch's deterministic mode on, it
+    # runs its default config, never a timing-dependent choice (elementwise kernels give the
+    # same bits under every config and stay tuned).
+    reduces = False
 
     def run(self, *args, **kwargs):
         if len(self.configs) < 2:
             return super().run(*args, **kwargs)
+        if self.reduces and _torch_deterministic():
+            return self.fn.run(*args, **kwargs, **self.configs[0].all_kwargs())
         key = self._tuning_key(args, kwargs)
         if key in self.cache:  # the common case: no lock, no file
             return super().run(*args, **kwargs)
@@ -149,5 +155,14 @@ def _capturing_cuda_graph() -> bool:
         import torch
 
         return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return False
+
+
+def _torch_deterministic() -> bool:
+    try:
+        import torch
+
+        return torch.are_deterministic_algorithms_enabled()
     except Exception:
         return False

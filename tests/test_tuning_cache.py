@@ -84,3 +84,29 @@ def test_corrupt_file_during_run_retunes(monkeypatch, tmp_path):
     assert len(benched) == 2
     assert tuning_cache.load_entry(path, repr(tuple(str(k) for k in fresh._tuning_key((torch.empty(2), 16), {}))),
                                    num_configs=2) == 1
+
+
+def test_reductions_use_the_default_config_in_deterministic_mode(monkeypatch, tmp_path):
+    configs = [triton.Config({"TILE": t}) for t in (1024, 2048)]
+    benched = []
+    tuner = _fake_tuner(monkeypatch, tmp_path, configs, benched)
+    launched = []
+
+    class Kernel:
+        __name__ = "fake_reduction"
+        cache_key = "source-hash"
+
+        def run(self, *args, **kwargs):
+            launched.append(kwargs["TILE"])
+
+    tuner.fn = Kernel()
+    tuner.reduces = True
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tuner.run(torch.empty(2), 64)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert launched == [1024] and benched == [], "a reduction must not be tuned in deterministic mode"
+    tuner.run(torch.empty(2), 64)
+    assert len(benched) == 1  # outside deterministic mode it tunes as usual
