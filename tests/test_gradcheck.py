@@ -184,3 +184,26 @@ def test_reference_cases_cover_every_route():
     routes = {_launch.route(_random_input(shape, memory_format))
               for shape, memory_format, _ in REFERENCE_LAYOUTS + SPLIT_LAYOUTS}
     assert routes == {"ncs-fused", "ncs-split", "rows-fused", "rows-split"}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_gradgradcheck_float64(training, activation):
+    """Second derivatives (gradient penalties, MAML), as torch's BatchNorm supports them."""
+    torch.manual_seed(5)
+    x = (torch.randn(3, 2, 3, 2, device=DEVICE, dtype=torch.float64) + 0.3).requires_grad_(True)
+    r = torch.randn_like(x).requires_grad_(True)
+    w = (torch.rand(2, device=DEVICE, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(2, device=DEVICE, dtype=torch.float64).requires_grad_(True)
+    rm = torch.randn(2, device=DEVICE, dtype=torch.float64)
+    rv = torch.rand(2, device=DEVICE, dtype=torch.float64) + 0.5
+
+    def fn(x, r, w, b):
+        if activation is None:
+            return tritonbn.functional.batch_norm(x, None if training else rm, None if training else rv, w, b,
+                                                  training=training) + r
+        return tritonbn.functional.batch_norm_act(x, None if training else rm, None if training else rv, w, b,
+                                                  training=training, activation=activation, residual=r)
+
+    with triton_ran():
+        assert torch.autograd.gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-5, fast_mode=True)

@@ -20,6 +20,7 @@ pre-activation tensor is ever stored.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _launch
@@ -101,7 +102,7 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, weight, bias, _, _, training, _, residual, activation, slope = inputs
+    input, weight, bias, _, _, training, eps, residual, activation, slope = inputs
     y, mean, rstd, _ = output
     # relu's act'(z) needs only z's sign, which its output has: torch's relu saves its output
     # too, so the same tensors stay alive and an in-place change of y fails backward in both.
@@ -112,6 +113,7 @@ def _setup_context(ctx, inputs, output) -> None:
     kept = y if ctx.mask_from_output else (residual if activation else None)
     ctx.save_for_backward(input, weight, bias, mean, rstd, kept)
     ctx.training = training
+    ctx.eps = eps
     ctx.activation = activation
     ctx.slope = slope
     ctx.has_residual = residual is not None
@@ -120,6 +122,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
+    if torch.is_grad_enabled():
+        # create_graph=True: a gradient of this gradient is wanted (gradient penalties, MAML).
+        return _differentiable_backward(ctx, grad_output)
     input, weight, bias, mean, rstd, kept = ctx.saved_tensors
     needs = ctx.needs_input_grad
     needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[7]
@@ -141,6 +146,54 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
         None,
         None,
     )
+
+
+def _differentiable_backward(ctx, grad_output):
+    """The backward as torch operations that autograd can differentiate again.
+
+    The forward is recomputed with torch's own ops (batch statistics through
+    F.batch_norm, which supports double backward; eval with the saved statistics as
+    constants), then differentiated with create_graph. Slower than the kernels; only taken
+    when a second derivative is asked for.
+    """
+    input, weight, bias, mean, rstd, kept = ctx.saved_tensors
+    # The saved tensors themselves (not detached copies): the gradients returned must stay
+    # connected to the original inputs for the second derivative to reach them.
+    x, w, b = input, weight, bias
+    # The statistics and the output are outputs of the forward op: detached, or autograd would
+    # walk back into this op's backward through them.
+    mean, rstd = mean.detach(), rstd.detach()
+    view = [1, -1] + [1] * (input.dim() - 2)
+    if ctx.training:
+        z = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+    else:
+        z = (x - mean.view(view)) * rstd.view(view)
+        z = z * w.view(view) if w is not None else z
+        z = (z + b.view(view) if b is not None else z).to(input.dtype)
+    residual = None
+    if ctx.has_residual:
+        # relu kept its output, not the residual: relu's mask does not depend on the residual's
+        # value to first order, so a zero stand-in gives the right derivatives.
+        if ctx.activation and not ctx.mask_from_output:
+            residual = kept
+        else:
+            residual = torch.zeros_like(input).requires_grad_(ctx.needs_input_grad[7])
+        z = z + residual
+    if ctx.activation == ACTIVATIONS["relu"]:
+        y = z * (kept.detach() > 0) if ctx.mask_from_output else F.relu(z)
+    elif ctx.activation == ACTIVATIONS["silu"]:
+        y = F.silu(z)
+    elif ctx.activation == ACTIVATIONS["leaky_relu"]:
+        y = F.leaky_relu(z, ctx.slope)
+    else:
+        y = z
+    needs = ctx.needs_input_grad
+    candidates = [(x, needs[0]), (w, needs[1]), (b, needs[2]), (residual, needs[7])]
+    wanted = [t for t, needed in candidates if needed and t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True, allow_unused=True))
+    x_grad, w_grad, b_grad, r_grad = (next(grads) if needed and t is not None and t.requires_grad else None
+                                      for t, needed in candidates)
+    return x_grad, w_grad, b_grad, None, None, None, None, r_grad, None, None
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
