@@ -163,7 +163,6 @@ def _bn_bwd_fused_ncs(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per channel: sums over the channel, then dx over it.
     c = tl.program_id(0)
@@ -175,6 +174,7 @@ def _bn_bwd_fused_ncs(
     sum_dz_xhat = sum_dz_xmu * rstd
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty))
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty))
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)  # after the loop: see the forward
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
@@ -298,7 +298,6 @@ def _bn_bwd_fused_rows(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -310,6 +309,7 @@ def _bn_bwd_fused_rows(
                                              HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty), mask=c_mask)
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty), mask=c_mask)
+    inv_count = exact_scalar(inv_count, inv_count_lo, ACC)  # after the loop: see the forward
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for m0 in range(0, M, BLOCK_M):
         offset, mask = _rows_offsets(c, c_mask, m0, M, stride_m, INT64_INDEX, BLOCK_M)

@@ -145,19 +145,19 @@ def _bn_fwd_fused_ncs(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    eps = exact_scalar(eps, eps_lo, ACC)
-    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per channel, which reads its channel twice (the second time from L2).
     c = tl.program_id(0)
     shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
     count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, shift,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
     mean += shift
+    eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / count
     rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean)
     tl.store(Rstd + c, rstd)
     tl.store(Var + c, var)
+    slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
@@ -315,19 +315,19 @@ def _bn_fwd_fused_rows(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    eps = exact_scalar(eps, eps_lo, ACC)
-    slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels, over all M rows, twice.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     shift = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
     count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, shift, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     mean += shift
+    eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / count
     rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)
+    slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for m0 in range(0, M, BLOCK_M):
         _rows_normalize_tile(X, Y, R, c, c_mask, m0, M, stride_m, y_stride_m, mean, scale, shift, slope,

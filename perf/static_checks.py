@@ -195,7 +195,7 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
     core: training and eval forward, backward with and without parameter gradients, the
     running-statistics update (momentum and cumulative). extra, where the launchers offer them:
     a fused residual + SiLU epilogue (the most register-hungry activation) forward and backward,
-    and the SyncBatchNorm entry points.
+    relu (mask read off the output) and leaky_relu epilogues, and the SyncBatchNorm entry points.
     """
     import torch
 
@@ -255,6 +255,15 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
             if silu is not None and _accepts(_launch.backward, *epilogue, "residual_grad"):
                 _call(_launch.backward, training=True, param_grads=True, residual_grad=True, **grads, **epilogue)
                 _call(_launch.backward, training=False, param_grads=False, residual_grad=True, **grads, **epilogue)
+            if silu is not None and _accepts(_launch.backward, "residual_is_output"):
+                # relu reads its mask off the output (R_IS_OUTPUT); leaky_relu recomputes z.
+                relu = {"residual": torch.empty_like(x), "activation": activation.RELU, "slope": 0.0}
+                leaky = {"residual": torch.empty_like(x), "activation": activation.LEAKY_RELU, "slope": 0.01}
+                _call(_launch.forward, x=x, training=True, eps=1e-5, **params, **relu)
+                _call(_launch.forward, x=x, training=True, eps=1e-5, **params, **leaky)
+                _call(_launch.backward, training=True, param_grads=True, residual_grad=True, residual_is_output=True,
+                      **grads, **relu)
+                _call(_launch.backward, training=True, param_grads=True, residual_grad=True, **grads, **leaky)
             # SyncBatchNorm: local statistics and sums always take the split route.
             if getattr(_launch, "batch_stats", None):
                 _call(_launch.batch_stats, x=x, eps=1e-5)
