@@ -30,6 +30,11 @@ import tritonbn  # noqa: E402
 from tritonbn import _launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    # References (convolutions, linear layers in the model tests) in true float32, as on CPU:
+    # TF32 would put 1e-3 errors into the torch side of every comparison.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 # (dtype, atol, rtol) for outputs normalised to O(1). float32: a few ulps of reduction
 # error over up to ~1e5 elements. float16/bfloat16: the output's own rounding (2^-11 and

@@ -17,22 +17,36 @@ from conftest import DEVICE, triton_ran
 
 import tritonbn
 
+# gloo's all_gather takes CPU tensors only, and one GPU cannot host several NCCL ranks: the
+# multi-process tests run on CPU tensors through the interpreter, on a GPU machine too (the
+# NCCL test below covers CUDA). The references are torch's own CPU BatchNorm.
+GLOO_DEVICE = "cpu"
 
-def _spawn(fn, world, tmp_path, *args):
+
+def _spawn(fn, world, tmp_path, *args, interpret=True):
     init_file = tmp_path / "init"
-    mp.spawn(fn, args=(world, str(init_file), *args), nprocs=world, join=True)
+    previous = os.environ.get("TRITON_INTERPRET")
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # read by the spawned processes' first import
+    try:
+        mp.spawn(fn, args=(world, str(init_file), *args), nprocs=world, join=True)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 
-def _reference_steps(sizes, momentum, steps):
-    bn = torch.nn.BatchNorm2d(worker.CHANNELS, momentum=momentum).to(DEVICE)
-    weight, bias = worker.initial_params(DEVICE)
+def _reference_steps(sizes, momentum, steps, device=GLOO_DEVICE):
+    bn = torch.nn.BatchNorm2d(worker.CHANNELS, momentum=momentum).to(device)
+    weight, bias = worker.initial_params(device)
     with torch.no_grad():
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
     record = []
     for step in range(steps):
-        x, dy = worker.global_batch(sizes, step, DEVICE)
+        x, dy = worker.global_batch(sizes, step, device)
         x = x.clone().requires_grad_(True)
         bn.weight.grad = bn.bias.grad = None
         y = bn(x)
@@ -54,7 +68,7 @@ CASES = [
 @pytest.mark.parametrize("world,sizes,momentum,comment", CASES, ids=[c[3] for c in CASES])
 def test_sync_batch_norm_equals_whole_batch(tmp_path, world, sizes, momentum, comment):
     steps = 2
-    results = _spawn(worker.sync_bn_steps, world, tmp_path, sizes, str(tmp_path), DEVICE, momentum, steps)
+    results = _spawn(worker.sync_bn_steps, world, tmp_path, sizes, str(tmp_path), GLOO_DEVICE, momentum, steps)
     expected = _reference_steps(sizes, momentum, steps)
     for rank, record in enumerate(results):
         start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -70,15 +84,15 @@ def test_sync_batch_norm_equals_whole_batch(tmp_path, world, sizes, momentum, co
 
 def test_ddp_steps_match_single_process(tmp_path):
     sizes, steps = [4, 2], 3
-    results = _spawn(worker.ddp_steps, 2, tmp_path, sizes, str(tmp_path), DEVICE, steps)
+    results = _spawn(worker.ddp_steps, 2, tmp_path, sizes, str(tmp_path), GLOO_DEVICE, steps)
     # Single process, plain torch BatchNorm, the whole batch, the same initial weights.
-    model = worker.make_model(DEVICE)
+    model = worker.make_model(GLOO_DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     total = sum(sizes)
     for step in range(steps):
-        x, _ = worker.global_batch(sizes, step, DEVICE)
+        x, _ = worker.global_batch(sizes, step, GLOO_DEVICE)
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), worker.labels_for(total, step, DEVICE))
+        loss = torch.nn.functional.cross_entropy(model(x), worker.labels_for(total, step, GLOO_DEVICE))
         loss.backward()
         optimizer.step()
     reference = model.state_dict()
@@ -118,8 +132,9 @@ def test_nccl_world_size_one_or_more(tmp_path):
     world = max(torch.cuda.device_count(), 1)
     backend = "nccl"
     sizes = [3] * world
-    results = _spawn(worker.sync_bn_steps, world, tmp_path, sizes, str(tmp_path), "cuda", 0.1, 1, backend)
-    expected = _reference_steps(sizes, 0.1, 1)
+    results = _spawn(worker.sync_bn_steps, world, tmp_path, sizes, str(tmp_path), "cuda", 0.1, 1, backend,
+                     interpret=False)
+    expected = _reference_steps(sizes, 0.1, 1, device="cuda")
     for rank, record in enumerate(results):
         torch.testing.assert_close(record[0]["y"], expected[0]["y"][3 * rank: 3 * rank + 3], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(record[0]["running_var"], expected[0]["running_var"], atol=1e-6, rtol=1e-5)
