@@ -311,11 +311,12 @@ def backward(
     return dx, dweight, dbias, dresidual
 
 
-def _plain_backward_meta(x, view, weight):
-    w, b, flags = _affine(weight, None, x.new_empty(0))
+def _plain_backward_meta(x, view, weight, dummy):
+    """Weight pointer and meta of a backward without a fused epilogue (SyncBatchNorm's parts)."""
+    w, _, flags = _affine(weight, None, dummy)
     meta = {**_common_meta(x, view), **flags, "TRAINING": True, "ACTIVATION": 0, "HAS_RESIDUAL": False,
             "R_IS_OUTPUT": False, "WRITE_DR": False}
-    return w, b, meta
+    return w, meta
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -325,9 +326,9 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
     acc = accumulation_dtype(x.dtype)
     if view.m == 0 or view.c == 0:
         return torch.zeros((2, view.c), dtype=acc, device=x.device)
-    scratch = _empty((2, view.c), acc, x.device)
-    w, b, meta = _plain_backward_meta(x, view, None)
-    return _split_sums(x, dy, dy, view, mean, mean, mean, rstd, scratch[0], scratch[1], 0.0, meta)
+    scratch = _empty((2, view.c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
+    w, meta = _plain_backward_meta(x, view, None, mean)
+    return _split_sums(x, dy, dy, view, w, mean, mean, rstd, scratch[0], scratch[1], 0.0, meta)
 
 
 def dx_from_sums(
@@ -345,8 +346,7 @@ def dx_from_sums(
     dx = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return dx
-    w, b, meta = _plain_backward_meta(x, view, weight)
-    w = w if weight is not None else mean
+    w, meta = _plain_backward_meta(x, view, weight, mean)
     _dx(x, dy, dx, dx, dx, view, w, mean, mean, rstd, mean_dy.contiguous(), mean_dy_xhat.contiguous(), 1.0, 0.0,
         meta)
     return dx
