@@ -99,11 +99,15 @@ def _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c,
 
 
 @triton.jit
-def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd, w, b, slope,
+def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd, w, b, slope,
                       HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-                      ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                      STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(sum dz, sum dz * xhat) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
+    """(sum dz, sum dz * xhat) of channel c over n in [n_begin, n_end), s in [s_begin, s_end).
+
+    STORE_DZ: also write dz (which is the residual's gradient) to DZ, so that the dx pass reads
+    x and dz instead of x, dy and the output or residual: one tensor less to read.
+    """
     # Accumulators one row wide: a full [BLOCK_N, BLOCK_S] pair doubles the registers of the
     # tile and made ptxas spill on sm_80.
     sum_dz = tl.zeros([BLOCK_S], ACC)
@@ -113,6 +117,8 @@ def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, str
             offset, mask = _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
             x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
                                    HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+            if STORE_DZ:
+                tl.store(DZ + offset, dz.to(DZ.dtype.element_ty), mask=mask)
             sum_dz += tl.sum(dz, axis=0)
             sum_dz_xmu += tl.sum(dz * (x - mean), axis=0)
     # Not yet multiplied by rstd: callers reload rstd after the loop, so that (without a fused
@@ -125,13 +131,14 @@ def _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, str
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
+    DZ,  # [N, C, S] out when STORE_DZ: the gradient before the activation (= the residual's)
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     PartSumDy, PartSumDyXhat,  # [split_n * split_s, C] partial sums (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, bucket, split_n, split_s,  # bucket: autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # a float pair (common.exact_scalar)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     slope = exact_scalar(slope, slope_lo, ACC)
@@ -139,9 +146,9 @@ def _bn_bwd_reduce_ncs(
     c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
                                                                 split_n, split_s)
     w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
-                                           tl.load(Mean + c), tl.load(Rstd + c), w, b, slope,
-                                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
+                                           tl.load(Mean + c), tl.load(Rstd + c), w, b, slope, HAS_RESIDUAL,
+                                           R_IS_OUTPUT, ACTIVATION, STORE_DZ, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
     tl.store(PartSumDy + part * C + c, sum_dz)
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xmu * tl.load(Rstd + c))
 
@@ -169,8 +176,9 @@ def _bn_bwd_fused_ncs(
     mean = tl.load(Mean + c)
     rstd = tl.load(Rstd + c)
     w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b, slope,
-                                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, DR, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b,
+                                           slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, False, ACC, INT64_INDEX,
+                                           BLOCK_N, BLOCK_S)
     sum_dz_xhat = sum_dz_xmu * rstd
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty))
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty))
@@ -197,6 +205,7 @@ def _bn_bwd_dx_ncs(
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    DZ_STORED: tl.constexpr,  # DR already holds dz (the reduce pass wrote it): read it, skip dy
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -219,7 +228,12 @@ def _bn_bwd_dx_ncs(
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = _ncs_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S, stride_n, stride_c,
                                 INT64_INDEX, BLOCK_N, BLOCK_S)
-    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+    if DZ_STORED:
+        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
+        dz = tl.load(DR + offset, mask=mask, other=0.0).to(ACC)
+    else:
+        x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
+                               HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
     _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift, TRAINING, WRITE_DR)
 
 
@@ -237,9 +251,9 @@ def _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr, BLO
 
 
 @triton.jit
-def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
+def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
                        HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-                       ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                       STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     sum_dz = tl.zeros([BLOCK_C], ACC)
     sum_dz_xmu = tl.zeros([BLOCK_C], ACC)
@@ -247,6 +261,8 @@ def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd
         offset, mask = _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
                                HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+        if STORE_DZ:
+            tl.store(DZ + offset, dz.to(DZ.dtype.element_ty), mask=mask)
         sum_dz += tl.sum(dz, axis=0)
         sum_dz_xmu += tl.sum(dz * (x - mean[None, :]), axis=0)
     return sum_dz, sum_dz_xmu * rstd
@@ -257,13 +273,14 @@ def _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
+    DZ,  # [M, C] out when STORE_DZ: the gradient before the activation (= the residual's)
     W, B, Mean, Rstd,  # [C]
     PartSumDy, PartSumDyXhat,  # [split_m, C] partial sums (ACC)
     M, C, stride_m,
     m_chunk, split_m, bucket,  # bucket: autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # a float pair (common.exact_scalar)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+    ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     slope = exact_scalar(slope, slope_lo, ACC)
@@ -277,8 +294,9 @@ def _bn_bwd_reduce_rows(
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
     w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
-                                             HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b,
+                                             slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, STORE_DZ, ACC,
+                                             INT64_INDEX, BLOCK_M, BLOCK_C)
     tl.store(PartSumDy + part * C + c, sum_dz, mask=c_mask)
     tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat, mask=c_mask)
 
@@ -305,8 +323,9 @@ def _bn_bwd_fused_rows(
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     rstd = tl.load(Rstd + c, mask=c_mask, other=0.0)
     w, b = _channel_affine(W, B, c, c_mask, HAS_WEIGHT, HAS_BIAS, ACC)
-    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, c, c_mask, 0, M, stride_m, mean, rstd, w, b, slope,
-                                             HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, DR, c, c_mask, 0, M, stride_m, mean, rstd, w, b, slope,
+                                             HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, False, ACC, INT64_INDEX,
+                                             BLOCK_M, BLOCK_C)
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty), mask=c_mask)
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty), mask=c_mask)
     inv_count = exact_scalar(inv_count, inv_count_lo, ACC)  # after the loop: see the forward
@@ -331,6 +350,7 @@ def _bn_bwd_dx_rows(
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
+    DZ_STORED: tl.constexpr,  # DR already holds dz (the reduce pass wrote it): read it, skip dy
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -351,8 +371,12 @@ def _bn_bwd_dx_rows(
         sum_dz_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = _rows_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
-    x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
-                           HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
+    if DZ_STORED:
+        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
+        dz = tl.load(DR + offset, mask=mask, other=0.0).to(ACC)
+    else:
+        x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
+                               HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
     _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
                       xhat_scale[None, :], dz_shift[None, :], TRAINING, WRITE_DR)
 

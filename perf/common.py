@@ -51,14 +51,16 @@ BYTES = {
 # (and the residual) and writes y. Forward, unfused: BatchNorm 3 (as above), `out +=
 # residual` 3 (read out and the residual, write out), relu_ 2 (read, write in place).
 # Backward, fused (kernels/backward.py, relu: the mask is the sign of the saved output y): the
-# reduce pass reads x, dy and y; the dx pass reads x, dy and y again and writes dx, and with a
-# residual also dresidual (= dz, a tensor of its own). Backward, unfused: relu's backward
+# reduce pass reads x, dy and y; the dx pass reads x, dy and y again and writes dx (3 + 4).
+# With a residual, the reduce pass also writes dz (= dresidual, a tensor of its own) and the
+# dx pass reads x and dz instead (4 + 3; the one-program-per-channel route rereads from L2 and
+# writes dresidual in its second pass, which the same model covers). Backward, unfused: relu's backward
 # reads y and dy and writes dz (3); the add's backward hands that same dz to both branches
 # (no copy, 0); BatchNorm's backward 5 (as above).
 FUSED_BYTES = {
     ("bn_relu", "fused"): {"forward-train": 3, "backward": 3 + 4, "forward+backward": 3 + 7},
     ("bn_relu", "unfused"): {"forward-train": 3 + 2, "backward": 3 + 5, "forward+backward": 5 + 8},
-    ("bn_add_relu", "fused"): {"forward-train": 4, "backward": 3 + 5, "forward+backward": 4 + 8},
+    ("bn_add_relu", "fused"): {"forward-train": 4, "backward": 4 + 3, "forward+backward": 4 + 7},
     ("bn_add_relu", "unfused"): {"forward-train": 3 + 3 + 2, "backward": 3 + 0 + 5, "forward+backward": 8 + 8},
 }
 # Whose bytes a provider's rows of a fused op are scored against. torch.compile gets the fused

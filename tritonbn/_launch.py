@@ -304,10 +304,15 @@ def backward(
     inv_count = 1.0 / view.m
     dr = dresidual if residual_grad else dx
     if not training and not param_grads:
-        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, mean, rstd, inv_count, slope, meta)
+        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, mean, rstd, inv_count, slope, {**meta, "DZ_STORED": False})
     elif not _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, inv_count, slope, meta):
-        sums = _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta)
-        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sums[0], sums[1], inv_count, slope, meta)
+        # With an activation and a residual to differentiate, the reduce pass writes dz (the
+        # residual's gradient) and the dx pass reads x and dz: one tensor read less than
+        # recomputing dz from dy and the output (or residual) a second time.
+        store_dz = residual_grad and activation != 0
+        sums = _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta, dr, store_dz)
+        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sums[0], sums[1], inv_count, slope,
+            {**meta, "DZ_STORED": store_dz, "WRITE_DR": residual_grad and not store_dz})
     return dx, dweight, dbias, dresidual
 
 
@@ -315,7 +320,7 @@ def _plain_backward_meta(x, view, weight, dummy):
     """Weight pointer and meta of a backward without a fused epilogue (SyncBatchNorm's parts)."""
     w, _, flags = _affine(weight, None, dummy)
     meta = {**_common_meta(x, view), **flags, "TRAINING": True, "ACTIVATION": 0, "HAS_RESIDUAL": False,
-            "R_IS_OUTPUT": False, "WRITE_DR": False}
+            "R_IS_OUTPUT": False, "WRITE_DR": False, "DZ_STORED": False}
     return w, meta
 
 
@@ -370,16 +375,21 @@ def _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, in
     return True
 
 
-def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta) -> torch.Tensor:
-    """Partial sums from many programs per channel, added in order; returns [2, C] (ACC)."""
+def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta, dz=None, store_dz=False):
+    """Partial sums from many programs per channel, added in order; returns [2, C] (ACC).
+
+    store_dz: the reduce kernels also write dz into ``dz``.
+    """
     c = view.c
     acc = accumulation_dtype(x.dtype)
-    reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR")}
+    reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR", "DZ_STORED")}
+    reduce_meta["STORE_DZ"] = store_dz
+    dz = dz if dz is not None else dy  # a pointer that is never written when not store_dz
     if view.kind == "ncs":
         split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
         splits = split_n * split_s
         parts = _empty((2, splits, c), acc, x.device)
-        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, w, b, mean, rstd, parts[0], parts[1],
+        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, dz, w, b, mean, rstd, parts[0], parts[1],
                 view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
                 split_n, split_s, *_pair(slope),
                 **reduce_meta)
@@ -387,7 +397,7 @@ def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta) -
         splits, m_chunk = _rows_split(view, x.device)
         parts = _empty((2, splits, c), acc, x.device)
         grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
-        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, w, b, mean, rstd, parts[0], parts[1],
+        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, dz, w, b, mean, rstd, parts[0], parts[1],
                 view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), *_pair(slope), **reduce_meta)
     sums = _empty((2, c), acc, x.device)
     _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
