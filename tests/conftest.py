@@ -87,3 +87,13 @@ def randomize_batch_norm(module, batches: int = 5):
             module.running_var.uniform_(0.5, 2.0)
             module.num_batches_tracked.fill_(batches)
     return module
+
+
+def random_bn_input(shape, dtype=torch.float32, device=DEVICE, memory_format=None):
+    """Per-channel means and scales far from 0 and 1, so that a wrong statistic shows."""
+    c = shape[1]
+    view = [1, c] + [1] * (len(shape) - 2)
+    offsets = torch.randn(c, dtype=torch.float64) * 3.0
+    scales = torch.rand(c, dtype=torch.float64) * 2.0 + 0.5
+    x = (torch.randn(shape, dtype=torch.float64) * scales.view(view) + offsets.view(view)).to(device, dtype)
+    return x.contiguous(memory_format=memory_format) if memory_format is not None else x

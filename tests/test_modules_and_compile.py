@@ -15,7 +15,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, TOLERANCES, randomize_batch_norm, triton_ran
+from conftest import DEVICE, TOLERANCES, random_bn_input, randomize_batch_norm, triton_ran
 
 import tritonbn
 
@@ -38,14 +38,7 @@ def _no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _random_input(shape, dtype=torch.float32, memory_format=None):
-    """Per-channel means and scales far from 0 and 1, so that a wrong statistic shows."""
-    c = shape[1]
-    view = [1, c] + [1] * (len(shape) - 2)
-    offsets = torch.randn(c, dtype=torch.float64) * 3.0
-    scales = torch.rand(c, dtype=torch.float64) * 2.0 + 0.5
-    x = (torch.randn(shape, dtype=torch.float64) * scales.view(view) + offsets.view(view)).to(DEVICE, dtype)
-    return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+_random_input = random_bn_input
 
 
 _randomize = randomize_batch_norm

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, triton_ran
+from conftest import DEVICE, TOLERANCES, randomize_batch_norm, triton_ran
 
 import tritonbn
 from tritonbn import _launch, _layout
@@ -37,14 +37,7 @@ def _pair(shape, dtype=torch.float32, param_dtype=None, **kwargs):
     """A torch module and a tritonbn module with equal random parameters and buffers."""
     torch_cls, ours_cls = MODULES[len(shape)]
     param_dtype = param_dtype or dtype
-    ref = torch_cls(shape[1], **kwargs).to(device=DEVICE, dtype=param_dtype)
-    with torch.no_grad():
-        if ref.affine:
-            ref.weight.uniform_(0.5, 1.5)
-            ref.bias.normal_()
-        if ref.track_running_stats:
-            ref.running_mean.normal_()
-            ref.running_var.uniform_(0.5, 2.0)
+    ref = randomize_batch_norm(torch_cls(shape[1], **kwargs).to(device=DEVICE, dtype=param_dtype), batches=0)
     ours = ours_cls(shape[1], **kwargs).to(device=DEVICE, dtype=param_dtype)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
