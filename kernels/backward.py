@@ -14,14 +14,23 @@ when an activation is fused; z is recomputed here, never stored):
 mean and rstd are the forward's saved statistics: the batch's in training, the running
 ones in eval. Layouts (NCS and rows) and routes (fused or split) mirror kernels/forward.py:
 the split route writes per-program partial sums that a combine kernel adds in a fixed order,
-so gradients are deterministic without atomics.
+so gradients are deterministic without atomics. Within a program, each lane of the tile keeps
+its own sums, folded by common.tree_sum: the bits do not depend on the launch config.
 """
 
 import triton
 import triton.language as tl
 
 from .activation import activation_grad
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, exact_scalar, ncs_program_chunk
+from .common import (
+    NCS_HEURISTICS,
+    NCS_REDUCE_HEURISTICS,
+    ROWS_HEURISTICS,
+    ROWS_REDUCE_HEURISTICS,
+    exact_scalar,
+    ncs_program_chunk,
+    tree_sum,
+)
 from .configs import autotune
 
 
@@ -108,10 +117,10 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
     STORE_DZ: also write dz (which is the residual's gradient) to DZ, so that the dx pass reads
     x and dz instead of x, dy and the output or residual: one tensor less to read.
     """
-    # Accumulators one row wide: a full [BLOCK_N, BLOCK_S] pair doubles the registers of the
-    # tile and made ptxas spill on sm_80.
-    sum_dz = tl.zeros([BLOCK_S], ACC)
-    sum_dz_xmu = tl.zeros([BLOCK_S], ACC)
+    # One accumulator per lane of the tile, summed by tree_sum at the end: the order of the
+    # additions is the shape's, whatever the warps (common.py).
+    sum_dz = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
         for s0 in range(s_begin, s_end, BLOCK_S):
             offset, mask = _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
@@ -119,15 +128,18 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
                                    HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
             if STORE_DZ:
                 tl.store(DZ + offset, dz.to(DZ.dtype.element_ty), mask=mask)
-            sum_dz += tl.sum(dz, axis=0)
-            sum_dz_xmu += tl.sum(dz * (x - mean), axis=0)
+            sum_dz += dz
+            sum_dz_xmu += dz * (x - mean)
     # Not yet multiplied by rstd: callers reload rstd after the loop, so that (without a fused
     # activation) nothing but the accumulators lives across it (ptxas spilled rstd on sm_80).
-    return tl.sum(sum_dz), tl.sum(sum_dz_xmu)
+    lanes: tl.constexpr = BLOCK_N * BLOCK_S
+    sum_dz = tree_sum(tl.reshape(sum_dz, [lanes, 1]), lanes)
+    sum_dz_xmu = tree_sum(tl.reshape(sum_dz_xmu, [lanes, 1]), lanes)
+    return tl.sum(sum_dz), tl.sum(sum_dz_xmu)  # [1] -> scalar
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(NCS_HEURISTICS)
+@triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
@@ -154,7 +166,7 @@ def _bn_bwd_reduce_ncs(
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(NCS_HEURISTICS)
+@triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_fused_ncs(
     X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
@@ -174,11 +186,17 @@ def _bn_bwd_fused_ncs(
     # grid: one program per channel: sums over the channel, then dx over it.
     c = tl.program_id(0)
     mean = tl.load(Mean + c)
-    rstd = tl.load(Rstd + c)
-    w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
+    # Without an activation the sums need x, dy and mean only: rstd, w and b are loaded after
+    # the loop, so that nothing else lives across it (ptxas put one of them on the stack).
+    rstd, w, b = mean, mean, mean
+    if ACTIVATION != 0:
+        rstd = tl.load(Rstd + c)
+        w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, DR, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b,
                                            slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, False, ACC, INT64_INDEX,
                                            BLOCK_N, BLOCK_S)
+    rstd = tl.load(Rstd + c)
+    w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz_xhat = sum_dz_xmu * rstd
     tl.store(DW + c, sum_dz_xhat.to(DW.dtype.element_ty))
     tl.store(DB + c, sum_dz.to(DB.dtype.element_ty))
@@ -255,21 +273,22 @@ def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, 
                        HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
                        STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    sum_dz = tl.zeros([BLOCK_C], ACC)
-    sum_dz_xmu = tl.zeros([BLOCK_C], ACC)
+    # Per-lane accumulators and tree sums, as in the NCS layout.
+    sum_dz = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_dz_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offset, mask = _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
                                HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
         if STORE_DZ:
             tl.store(DZ + offset, dz.to(DZ.dtype.element_ty), mask=mask)
-        sum_dz += tl.sum(dz, axis=0)
-        sum_dz_xmu += tl.sum(dz * (x - mean[None, :]), axis=0)
-    return sum_dz, sum_dz_xmu * rstd
+        sum_dz += dz
+        sum_dz_xmu += dz * (x - mean[None, :])
+    return tree_sum(sum_dz, BLOCK_M), tree_sum(sum_dz_xmu, BLOCK_M) * rstd
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(ROWS_HEURISTICS)
+@triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
@@ -281,7 +300,7 @@ def _bn_bwd_reduce_rows(
     slope, slope_lo,  # a float pair (common.exact_scalar)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr,
     ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(C, BLOCK_C) * split_m programs.
@@ -302,7 +321,7 @@ def _bn_bwd_reduce_rows(
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(ROWS_HEURISTICS)
+@triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_fused_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
@@ -314,7 +333,7 @@ def _bn_bwd_fused_rows(
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels.

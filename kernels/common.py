@@ -8,14 +8,26 @@ M2 = sum((x - mean)^2):
     mean  = mean_a + delta * n_b / n
     M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
 
-Each tile's own (mean, M2) is computed two-pass in registers, so no E[x^2] - E[x]^2 is ever
-formed. The data is also shifted by one sample of its channel (K = x[0, c, 0]) before any
-sum: with mean 1e4 and std 0.5, float32 sums of raw values would carry errors of ~1e-2 in
-the tile means, and the between-tile term of M2 would inherit them; sums of x - K are O(std).
+Within a program, each lane of a tile accumulates sum(d) and sum(d^2) of d = x - k, where k
+is the mean of the program's first tile: d is O(std) even when the mean is 1e4 and the std
+0.5, so M2 = sum(d^2) - sum(d)^2 / n does not cancel (shifted_moments). Programs are merged by
+Chan's formula. Partial means are stored relative to one sample of the channel
+(K = x[0, c, 0]), so the between-part term of M2 also sees O(std) differences, not
+differences of two rounded numbers near 1e4.
+
+Reductions are config-invariant: their bits depend on the shape only, never on the warps or
+channel block an autotune config picks. ``tl.sum`` over more than two elements adds in an
+order set by the register layout (which threads hold which elements), and the layout follows
+num_warps. So the reducing kernels keep one accumulator per *lane*, a fixed position of a tile
+whose shape is a heuristic of the problem shape (configs.py), update it elementwise in a
+fixed loop order, and finish with tree_sum, whose every step adds exactly two given values
+(a + b == b + a in IEEE arithmetic, so who adds them does not matter).
 """
 
 import triton
 import triton.language as tl
+
+from .configs import ncs_reduce_tile, rows_reduce_block_m
 
 
 @triton.jit
@@ -27,6 +39,28 @@ def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     mean = mean_a + delta * ratio_b
     m2 = m2_a + m2_b + delta * delta * count_a * ratio_b
     return count, mean, m2
+
+
+@triton.jit
+def tree_sum(x, ROWS: tl.constexpr):
+    """Sum over the first axis of a [ROWS, K] tensor: row i + row i + R/2 at each level, until
+    one row is left. Each step sums an axis of two elements, a single addition."""
+    for _ in tl.static_range(ROWS.bit_length() - 1):
+        x = tl.sum(tl.reshape(x, [2, x.shape[0] // 2, x.shape[1]]), axis=0)
+    return tl.reshape(x, [x.shape[1]])
+
+
+@triton.jit
+def shifted_moments(count, local_shift, shift, sum_d, sum_d2):
+    """(mean - shift, M2) from the sums of d = x - local_shift over count values.
+
+    M2 = sum d^2 - (sum d)^2 / count cancels only as much as |mean - local_shift| exceeds the
+    standard deviation; callers take local_shift from the data (a tile's mean), so it rarely
+    does. Rounding can still push M2 a hair below 0: clamped.
+    """
+    mean_d = sum_d / count
+    m2 = sum_d2 - sum_d * mean_d
+    return (local_shift - shift) + mean_d, tl.where(m2 < 0.0, 0.0, m2)  # NaN stays NaN
 
 
 @triton.jit
@@ -74,6 +108,21 @@ def rows_tile_shape(args: dict) -> dict:
     return {"BLOCK_C": block_c, "BLOCK_M": max(args["TILE"] // block_c, 1)}
 
 
+def rows_reduce_block_c(args: dict) -> int:
+    return min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
+
+
+NCS_REDUCE_HEURISTICS = {
+    "TILE": ncs_reduce_tile,
+    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
+    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
+}
+# BLOCK_C (tuned through MAX_BLOCK_C) groups independent channels; BLOCK_M, the lanes along
+# a channel, is the shape's alone.
+ROWS_REDUCE_HEURISTICS = {
+    "BLOCK_M": rows_reduce_block_m,
+    "BLOCK_C": rows_reduce_block_c,
+}
 NCS_HEURISTICS = {
     "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
     "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],

@@ -1,6 +1,6 @@
 """Every launch configuration and launch heuristic of tritonbn's kernels, in one place.
 
-Two kinds of choices live here:
+Three kinds of choices live here:
 
 * autotuned configs (tile size, warps): benchmarked per shape bucket by ``triton.autotune``;
   the first config of each list is the default, used when tuning is off and in Triton's
@@ -9,12 +9,16 @@ Two kinds of choices live here:
 * heuristics that decide the shape of work (how many programs share one channel's reduction).
   They are not tuned because they fix the size of the partial-statistics buffers, which are
   allocated before the launch.
+* the lanes of a reduction tile (``ncs_reduce_tile``, ``rows_reduce_block_m``): a heuristic of
+  the shape, never tuned, because they fix the order of the additions (kernels/common.py).
+  Reduction configs only choose warps, and for channels-last the channels per program, which
+  never change a channel's arithmetic: a reduction gives the same bits under every config.
 
 Environment switches:
 
 * ``TRITONBN_AUTOTUNE=0`` disables tuning: every kernel runs its default config.
 * ``torch.use_deterministic_algorithms(True)`` fixes the reduction kernels to their default
-  config, so their bits depend on the shape only, never on tuning timings.
+  config as well, so not even the choice of a compiled variant depends on tuning timings.
 * ``TRITONBN_AUTOTUNE_CACHE=0`` keeps tuned configs in memory only (default: on disk, see
   tuning_cache.py, so a later process reuses them; ``TRITONBN_CACHE_DIR`` moves the files).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import os
 
 import triton
+import triton.language as tl
 
 from .tuning_cache import DiskCachedAutotuner
 
@@ -51,22 +56,23 @@ def _config(tile: int, warps: int, **extra: int) -> triton.Config:
     return triton.Config({"TILE": tile, **extra}, num_warps=warps)
 
 
+def _warps(warps: int, **extra: int) -> triton.Config:
+    return triton.Config(dict(extra), num_warps=warps)
+
+
 # Tiles of one channel's data, [BLOCK_N, BLOCK_S] with BLOCK_N * BLOCK_S = TILE (NCHW-like
 # layouts, spatial contiguous). 4 warps x 32 threads x 8 fp32 per thread = 1024 elements,
 # so TILE >= 1024 gives every thread at least two 128-bit loads in flight.
 # The interpreter runs NumPy per program: its default is a large tile, few programs.
+#
+# Reductions tune warps only: their tile is ncs_reduce_tile's (below).
 _NCS_REDUCE = [
-    _config(2048, 4),
-    _config(4096, 8),
-    _config(1024, 4),
-    _config(8192, 8),
+    _warps(4),
+    _warps(8),
 ]
-# Backward's NCS reductions load two or three tensors per element and recompute the
-# activation: with 8 warps, or tiles of 4096, ptxas kept a few bytes of stack frame on some
-# targets (perf/static_checks.py), so smaller tiles at 4 warps.
 _NCS_REDUCE_BWD = [
-    _config(2048, 4),
-    _config(1024, 4),
+    _warps(4),
+    _warps(8),
 ]
 _NCS_ELEMENTWISE = [
     _config(2048, 4),
@@ -77,11 +83,12 @@ _NCS_ELEMENTWISE = [
 # Tiles of [BLOCK_M rows, BLOCK_C channels] for channels-last layouts (and 2D inputs): the
 # channel axis is contiguous. MAX_BLOCK_C bounds it so that a wide C still leaves rows to
 # coalesce over; 64 fp32 = 256 bytes per row segment.
+# Reductions: the channels per program and warps; the rows per tile are rows_reduce_block_m's.
 _ROWS_REDUCE = [
-    _config(2048, 4, MAX_BLOCK_C=64),
-    _config(4096, 8, MAX_BLOCK_C=64),
-    _config(2048, 4, MAX_BLOCK_C=32),
-    _config(4096, 8, MAX_BLOCK_C=128),
+    _warps(4, MAX_BLOCK_C=64),
+    _warps(8, MAX_BLOCK_C=128),
+    _warps(4, MAX_BLOCK_C=32),
+    _warps(8, MAX_BLOCK_C=64),
 ]
 _ROWS_ELEMENTWISE = [
     _config(2048, 4, MAX_BLOCK_C=64),
@@ -100,6 +107,16 @@ FAMILIES = tuple(_FAMILIES)  # the config family names, for the static checks an
 # Families whose kernels reduce (their bits depend on the config; see tuning_cache.py).
 REDUCING_FAMILIES = frozenset({"ncs_reduce", "ncs_reduce_bwd", "rows_reduce"})
 
+# Lanes (accumulators) of a reduction tile, for float32 accumulation: 16 per thread at 4
+# warps. Float64 accumulators take twice the registers, so half as many lanes.
+REDUCE_TILE = 2048
+# Lanes of a channels-last reduction tile per channel-block row: BLOCK_M rows of up to 32
+# channels. Fewer channels get more rows, so a narrow C still loads whole tiles.
+ROWS_REDUCE_LANES = 1024
+# The interpreter's cost is per program and per op: bigger tiles (another variant, as the
+# interpreter is another machine).
+_INTERPRETER_TILE_FACTOR = 2 if INTERPRETER else 1
+
 # Per-channel vectors (combining partial statistics, running-stat update): tiny work.
 PER_CHANNEL_BLOCK = 128
 
@@ -109,7 +126,10 @@ def configs(kind: str) -> list[triton.Config]:
     chosen = _FAMILIES[kind]
     if INTERPRETER:
         # Fewer, larger programs: the interpreter's cost is per program and per op.
-        return [_config(chosen[0].kwargs["TILE"] * 2, 4, **{k: v for k, v in chosen[0].kwargs.items() if k != "TILE"})]
+        kwargs = dict(chosen[0].kwargs)
+        if "TILE" in kwargs:
+            kwargs["TILE"] *= _INTERPRETER_TILE_FACTOR
+        return [triton.Config(kwargs, num_warps=4)]
     return chosen if AUTOTUNE else chosen[:1]
 
 
@@ -135,8 +155,27 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     A new shape then tunes in well under a second per kernel on small problems.
     """
     work = triton.next_power_of_2(max(_elements_per_program(named_args), 1))
-    kept = [config for config in configs if config.kwargs["TILE"] <= max(2 * work, 1024)]
+    kept = [config for config in configs if config.kwargs.get("TILE", 0) <= max(2 * work, 1024)]
     return kept or configs[:1]
+
+
+def _reduce_lanes(lanes: int, args: dict) -> int:
+    lanes *= _INTERPRETER_TILE_FACTOR
+    return lanes // 2 if args["ACC"] == tl.float64 else lanes
+
+
+def ncs_reduce_tile(args: dict) -> int:
+    """Lanes of an NCS reduction tile: REDUCE_TILE, or fewer when a program's chunk is smaller.
+
+    A function of the shape and dtype only (see the module docstring)."""
+    work = triton.next_power_of_2(args["n_chunk"]) * triton.next_power_of_2(args["s_chunk"])
+    return max(min(_reduce_lanes(REDUCE_TILE, args), work), 64)
+
+
+def rows_reduce_block_m(args: dict) -> int:
+    """Rows of a channels-last reduction tile; a function of the shape and dtype only."""
+    rows = _reduce_lanes(ROWS_REDUCE_LANES, args) // min(triton.next_power_of_2(args["C"]), 32)
+    return max(min(rows, triton.next_power_of_2(args["m_chunk"])), 1)
 
 
 def autotune(kind: str, key: list[str]):

@@ -33,7 +33,18 @@ import triton
 import triton.language as tl
 
 from .activation import activate
-from .common import NCS_HEURISTICS, ROWS_HEURISTICS, chan_combine, exact_scalar, ncs_program_chunk, rsqrt_rn
+from .common import (
+    NCS_HEURISTICS,
+    NCS_REDUCE_HEURISTICS,
+    ROWS_HEURISTICS,
+    ROWS_REDUCE_HEURISTICS,
+    chan_combine,
+    exact_scalar,
+    ncs_program_chunk,
+    rsqrt_rn,
+    shifted_moments,
+    tree_sum,
+)
 from .configs import PER_CHANNEL_BLOCK, autotune
 
 # ----------------------------------------------------------------------------------------------
@@ -45,25 +56,45 @@ from .configs import PER_CHANNEL_BLOCK, autotune
 def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(count, mean - shift, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end)."""
-    count = tl.zeros([], ACC)
-    mean = tl.zeros([], ACC)
-    m2 = tl.zeros([], ACC)
+    """(count, mean - shift, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end).
+
+    Per-lane sums of d = x - k over the [BLOCK_N, BLOCK_S] tile, k the mean of the first tile,
+    folded by tree_sum: the order of every operation is the shape's (common.py).
+    """
+    lanes: tl.constexpr = BLOCK_N * BLOCK_S
     base = X + c.to(tl.int64) * stride_c
+    x, mask = _ncs_load(base, n_begin, s_begin, n_end, s_end, stride_n, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    first_count = (tl.minimum(n_end - n_begin, BLOCK_N) * tl.minimum(s_end - s_begin, BLOCK_S)).to(ACC)
+    k = shift + _ncs_total(tl.where(mask, x - shift, 0.0), lanes) / first_count
+    sum_d = tl.zeros([BLOCK_N, BLOCK_S], ACC)
+    sum_d2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        if INT64_INDEX:
-            n = n.to(tl.int64)
         for s0 in range(s_begin, s_end, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = (n < n_end)[:, None] & (s < s_end)[None, :]
-            x = tl.load(base + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC)
-            x = tl.where(mask, x - shift, 0.0)
-            tile_count = (tl.minimum(n_end - n0, BLOCK_N) * tl.minimum(s_end - s0, BLOCK_S)).to(ACC)
-            tile_mean = tl.sum(x) / tile_count
-            centred = tl.where(mask, x - tile_mean, 0.0)
-            count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred))
+            x, mask = _ncs_load(base, n0, s0, n_end, s_end, stride_n, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+            d = tl.where(mask, x - k, 0.0)
+            sum_d += d
+            sum_d2 += d * d
+    count = ((n_end - n_begin) * (s_end - s_begin)).to(ACC)
+    mean, m2 = shifted_moments(count, k, shift, _ncs_total(sum_d, lanes), _ncs_total(sum_d2, lanes))
     return count, mean, m2
+
+
+@triton.jit
+def _ncs_load(base, n0, s0, n_end, s_end, stride_n, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The [BLOCK_N, BLOCK_S] tile of one channel at (n0, s0), in ACC, and its mask."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if INT64_INDEX:
+        n = n.to(tl.int64)
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (n < n_end)[:, None] & (s < s_end)[None, :]
+    return tl.load(base + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC), mask
+
+
+@triton.jit
+def _ncs_total(lanes_value, LANES: tl.constexpr):
+    """The sum of a [BLOCK_N, BLOCK_S] tile in tree_sum's order, as a scalar."""
+    return tl.sum(tree_sum(tl.reshape(lanes_value, [LANES, 1]), LANES))  # [1] -> scalar
 
 
 @triton.jit
@@ -102,7 +133,7 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @autotune("ncs_reduce", key=["bucket", "ACC"])
-@triton.heuristics(NCS_HEURISTICS)
+@triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
@@ -130,7 +161,7 @@ def _bn_fwd_stats_ncs(
 
 
 @autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(NCS_HEURISTICS)
+@triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_fused_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
@@ -219,22 +250,32 @@ def _bn_fwd_normalize_ncs(
 def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
                         ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean - shift, M2) per channel of the block c over rows [m_begin, m_end)."""
-    count = tl.zeros([BLOCK_C], ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
+    """(count, mean - shift, M2) per channel of the block c over rows [m_begin, m_end): per-lane
+    (row of the tile) sums of x - k, k the first tile's mean, as in the NCS layout."""
+    x, mask = _rows_load(X, c, c_mask, m_begin, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M)
+    first_count = tl.minimum(m_end - m_begin, BLOCK_M).to(ACC)
+    k = shift + tree_sum(tl.where(mask, x - shift[None, :], 0.0), BLOCK_M) / first_count
+    sum_d = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        if INT64_INDEX:
-            m = m.to(tl.int64)
-        mask = (m < m_end)[:, None] & c_mask[None, :]
-        x = tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC)
-        x = tl.where(mask, x - shift[None, :], 0.0)
-        tile_count = tl.zeros([BLOCK_C], ACC) + tl.minimum(m_end - m0, BLOCK_M).to(ACC)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        centred = tl.where(mask, x - tile_mean[None, :], 0.0)
-        count, mean, m2 = chan_combine(count, mean, m2, tile_count, tile_mean, tl.sum(centred * centred, axis=0))
+        x, mask = _rows_load(X, c, c_mask, m0, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M)
+        d = tl.where(mask, x - k[None, :], 0.0)
+        sum_d += d
+        sum_d2 += d * d
+    count = tl.zeros([BLOCK_C], ACC) + (m_end - m_begin).to(ACC)
+    mean, m2 = shifted_moments(count, k, shift, tree_sum(sum_d, BLOCK_M), tree_sum(sum_d2, BLOCK_M))
     return count, mean, m2
+
+
+@triton.jit
+def _rows_load(X, c, c_mask, m0, m_end, stride_m, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """The [BLOCK_M, BLOCK_C] tile at row m0, in ACC, and its mask."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    if INT64_INDEX:
+        m = m.to(tl.int64)
+    mask = (m < m_end)[:, None] & c_mask[None, :]
+    return tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC), mask
 
 
 @triton.jit
@@ -268,7 +309,7 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 
 
 @autotune("rows_reduce", key=["bucket", "ACC"])
-@triton.heuristics(ROWS_HEURISTICS)
+@triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
@@ -278,7 +319,7 @@ def _bn_fwd_stats_rows(
     m_chunk, split_m,  # rows per program, programs per channel block
     bucket,  # autotune key only (configs.tuning_bucket)
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: cdiv(C, BLOCK_C) * split_m programs.
     pid = tl.program_id(0)
@@ -300,7 +341,7 @@ def _bn_fwd_stats_rows(
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(ROWS_HEURISTICS)
+@triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_fused_rows(
     X, Y,  # [M, C] input and output
@@ -313,7 +354,7 @@ def _bn_fwd_fused_rows(
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-    TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: one program per block of BLOCK_C channels, over all M rows, twice.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -322,7 +363,7 @@ def _bn_fwd_fused_rows(
     count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, shift, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     mean += shift
     eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
-    var = m2 / count
+    var = m2 / tl.maximum(count, 1.0)  # count is 0 only in the block's padding channels
     rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)

@@ -107,9 +107,9 @@ class DiskCachedAutotuner(Autotuner):
         return cache_dir() / f"{fn.__name__}-{fingerprint}.json"
 
     use_disk = True
-    # A reduction's bits depend on its tile and warps: with torch's deterministic mode on, it
-    # runs its default config, never a timing-dependent choice (elementwise kernels give the
-    # same bits under every config and stay tuned).
+    # Reductions give the same bits under every config by construction (kernels/common.py);
+    # with torch's deterministic mode on they also run their default config, so that not even
+    # the choice of compiled variant depends on timings.
     reduces = False
 
     def run(self, *args, **kwargs):

@@ -348,7 +348,7 @@ def _tile_label(constexprs: dict, jit) -> str:
 
 
 def _config_label(config) -> str:
-    label = " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" w{config.num_warps}"
+    label = " ".join([*(f"{k}={v}" for k, v in config.kwargs.items()), f"w{config.num_warps}"])
     return label + (f" maxnreg={config.maxnreg}" if config.maxnreg else "")
 
 
@@ -722,6 +722,21 @@ def occupancy(regs: int, warps: int, shared: int, limits: dict) -> dict:
     return {"occupancy": blocks * warps / limits["max_warps"], "limiter": limiter, "blocks": blocks}
 
 
+_REDUCE_OP = re.compile(r'"tt\.reduce"\(.*?<\{axis = (\d+) : i32\}>.*?\}\) : \(tensor<([0-9x]+)x[a-z]+\d*>', re.S)
+
+
+def widest_reduction(ttir: str) -> int:
+    """The most values any ``tt.reduce`` of the kernel folds together along its axis (0: none).
+
+    A reduction over more than two values adds in an order set by the register layout, which
+    follows num_warps; the reducing kernels must only fold pairs (kernels/common.py), so that
+    their bits do not depend on the tuned config."""
+    widest = 0
+    for axis, shape in _REDUCE_OP.findall(ttir):
+        widest = max(widest, int(shape.split("x")[int(axis)]))
+    return widest
+
+
 def compile_variant(variant: Variant) -> dict:
     """Compile one variant and analyse it; errors are returned, not raised."""
     import importlib
@@ -740,6 +755,7 @@ def compile_variant(variant: Variant) -> dict:
         jit, _, _ = _unwrap(getattr(importlib.import_module(variant.module), variant.kernel))
         source = ASTSource(fn=jit, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs)
         compiled = triton.compile(source, target=GPUTarget(*variant.target), options=variant.options)
+        result["widest_reduction"] = widest_reduction(compiled.asm["ttir"])
         if variant.target[0] == "cuda":
             result.update(_cuda_analysis(compiled, hot_access_lines(compiled.asm["ttgir"]), variant.target[1]))
         else:
@@ -812,12 +828,20 @@ def problems(result: dict) -> list[str]:
     found = []
     if spilled:
         found.append(f"spills / local memory: {_local_text(result)}")
+    if result["family"] in _reducing_families() and result["widest_reduction"] > 2:
+        found.append(f"a tt.reduce folds {result['widest_reduction']} values: its order would follow the warps")
     if result["expect_vector"]:
         if not _all_128(hot["ld"]):
             found.append(f"hot-loop loads not all 128-bit: {_widths(hot['ld'])}")
         if not _all_128(hot["st"]) and hot["st"]:
             found.append(f"hot-loop stores not all 128-bit: {_widths(hot['st'])}")
     return found
+
+
+def _reducing_families() -> frozenset:
+    from tritonbn.kernels import configs as cfg
+
+    return cfg.REDUCING_FAMILIES
 
 
 def _local_text(result: dict) -> str:
@@ -999,9 +1023,16 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": results, "inventory": sorted(inventory),
                                          "missing": sorted(missing), "config_labels": config_labels(),
+                                         "triton": _triton_version(),
                                          "seconds": elapsed}, indent=1))
     failed = missing or any(problems(r) for r in results)
     return 1 if (args.check and failed) else 0
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def _amd_available() -> tuple[bool, str]:

@@ -17,10 +17,36 @@ def test_interpreter_uses_one_config():
 
 
 def test_every_config_has_a_tile_that_fits_the_heuristics():
-    for kind in cfg.FAMILIES:
+    for kind in set(cfg.FAMILIES) - cfg.REDUCING_FAMILIES:
         for config in cfg.all_configs(kind):
             tile = config.kwargs["TILE"]
             assert tile & (tile - 1) == 0 and tile >= 32 * config.num_warps
+
+
+def test_reduction_configs_leave_the_lanes_to_the_shape():
+    """A reduction's lanes fix the order of its additions (kernels/common.py): no config of a
+    reducing family may set them, only warps and the channels per program."""
+    for kind in cfg.REDUCING_FAMILIES:
+        for config in cfg.all_configs(kind):
+            assert set(config.kwargs) <= {"MAX_BLOCK_C"}, (kind, config)
+
+
+@pytest.mark.parametrize("acc", ["fp32", "fp64"])
+def test_reduction_lanes_are_a_function_of_the_shape(acc):
+    import triton.language as tl
+
+    dtype = tl.float64 if acc == "fp64" else tl.float32
+    scale = (2 if cfg.INTERPRETER else 1) / (2 if acc == "fp64" else 1)
+    full = int(cfg.REDUCE_TILE * scale)
+    full_rows = int(cfg.ROWS_REDUCE_LANES * scale)
+    for n_chunk, s_chunk, expected in [(256, 3136, full), (3, 49, 4 * 64), (1, 1, 64), (2, 7, 64)]:
+        tiles = {cfg.ncs_reduce_tile({"n_chunk": n_chunk, "s_chunk": s_chunk, "ACC": dtype, **config.kwargs})
+                 for config in cfg.all_configs("ncs_reduce")}
+        assert tiles == {expected}
+    for m_chunk, c, expected_rows in [(100000, 256, full_rows // 32), (100000, 3, full_rows // 4), (5, 256, 8)]:
+        rows = {cfg.rows_reduce_block_m({"m_chunk": m_chunk, "C": c, "ACC": dtype, **config.kwargs})
+                for config in cfg.all_configs("rows_reduce")}
+        assert rows == {expected_rows}
 
 
 @pytest.mark.parametrize("n,c,s", [(256, 64, 112 * 112), (1, 1, 2**26), (2, 3, 150 * 150), (7, 5, 10007),
@@ -52,8 +78,10 @@ def test_rows_split_has_no_empty_chunk(m, c):
 
 
 def test_pruning_drops_tiles_larger_than_the_work():
-    small = cfg.prune_configs(cfg.all_configs("ncs_reduce"), {"n_chunk": 2, "s_chunk": 49})
+    small = cfg.prune_configs(cfg.all_configs("ncs_elementwise"), {"N": 2, "S": 49, "s_chunk": 49})
     assert [c.kwargs["TILE"] for c in small] == [1024]
+    reduce = cfg.all_configs("ncs_reduce")  # no tile to prune: their lanes follow the shape
+    assert cfg.prune_configs(reduce, {"n_chunk": 2, "s_chunk": 49}) == reduce
     large = cfg.prune_configs(cfg.all_configs("rows_elementwise"), {"M": 100000, "C": 256})
     assert len(large) == len(cfg.all_configs("rows_elementwise"))
 
