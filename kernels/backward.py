@@ -186,10 +186,10 @@ def _bn_bwd_fused_ncs(
     # grid: one program per channel: sums over the channel, then dx over it.
     c = tl.program_id(0)
     mean = tl.load(Mean + c)
-    # Without an activation the sums need x, dy and mean only: rstd, w and b are loaded after
-    # the loop, so that nothing else lives across it (ptxas put one of them on the stack).
+    # Unless z must be recomputed, the sums need x, dy and mean only: rstd, w and b are loaded
+    # after the loop, so that nothing else lives across it (ptxas put one of them on the stack).
     rstd, w, b = mean, mean, mean
-    if ACTIVATION != 0:
+    if ACTIVATION != 0 and not R_IS_OUTPUT:
         rstd = tl.load(Rstd + c)
         w, b = _channel_affine(W, B, c, c >= 0, HAS_WEIGHT, HAS_BIAS, ACC)
     sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, DR, c, 0, N, 0, S, stride_n, stride_c, mean, rstd, w, b,
