@@ -109,11 +109,13 @@ def test_matches_torch(config):
     _no_worse_than_torch(y, y_ref, y_64, tol, "output")
     if x.numel() == 0:
         return
-    dy = torch.randn_like(y_ref)
-    y_ref.backward(dy)
+    # The output gradient in the model's dtype, and the references given that same rounded dy:
+    # with a few values per channel, dx cancels heavily and would amplify the rounding of dy.
+    dy = torch.randn_like(y_ref).to(dtype)
+    y_ref.backward(dy.float())
     y_64.backward(dy.double())
     with triton_ran():
-        y.backward(dy.to(dtype))
+        y.backward(dy)
     _no_worse_than_torch(x_ours.grad, x_ref.grad, x_64.grad, tol, "dx")
     if affine:
         m = x.numel() / x.shape[1]
