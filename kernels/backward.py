@@ -29,6 +29,9 @@ from .common import (
     ROWS_REDUCE_HEURISTICS,
     exact_scalar,
     ncs_program_chunk,
+    ncs_tile_offsets,
+    rows_tile_offsets,
+    tile_total,
     tree_sum,
 )
 from .configs import autotune
@@ -97,17 +100,6 @@ def _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count):
 
 
 @triton.jit
-def _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c,
-                 INT64_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    n = n0 + tl.arange(0, BLOCK_N)
-    if INT64_INDEX:
-        n = n.to(tl.int64)
-    s = s0 + tl.arange(0, BLOCK_S)
-    mask = (n < n_end)[:, None] & (s < s_end)[None, :]
-    return c.to(tl.int64) * stride_c + n[:, None] * stride_n + s[None, :], mask
-
-
-@triton.jit
 def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, mean, rstd, w, b, slope,
                       HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
                       STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -123,7 +115,7 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
     sum_dz_xmu = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offset, mask = _ncs_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
+            offset, mask = ncs_tile_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
             x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
                                    HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
             if STORE_DZ:
@@ -132,10 +124,7 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
             sum_dz_xmu += dz * (x - mean)
     # Not yet multiplied by rstd: callers reload rstd after the loop, so that (without a fused
     # activation) nothing but the accumulators lives across it (ptxas spilled rstd on sm_80).
-    lanes: tl.constexpr = BLOCK_N * BLOCK_S
-    sum_dz = tree_sum(tl.reshape(sum_dz, [lanes, 1]), lanes)
-    sum_dz_xmu = tree_sum(tl.reshape(sum_dz_xmu, [lanes, 1]), lanes)
-    return tl.sum(sum_dz), tl.sum(sum_dz_xmu)  # [1] -> scalar
+    return tile_total(sum_dz, BLOCK_N, BLOCK_S), tile_total(sum_dz_xmu, BLOCK_N, BLOCK_S)
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
@@ -204,7 +193,7 @@ def _bn_bwd_fused_ncs(
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for n0 in range(0, N, BLOCK_N):
         for s0 in range(0, S, BLOCK_S):
-            offset, mask = _ncs_offsets(c, n0, s0, N, S, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
+            offset, mask = ncs_tile_offsets(c, n0, s0, N, S, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
             x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean, rstd, w, b, slope,
                                    HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
             _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean, rstd, dz_scale, xhat_scale, dz_shift,
@@ -244,8 +233,8 @@ def _bn_bwd_dx_ncs(
         sum_dz = tl.load(SumDy + c)
         sum_dz_xhat = tl.load(SumDyXhat + c)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
-    offset, mask = _ncs_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S, stride_n, stride_c,
-                                INT64_INDEX, BLOCK_N, BLOCK_S)
+    offset, mask = ncs_tile_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S,
+                                    stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
     if DZ_STORED:
         x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
         dz = tl.load(DR + offset, mask=mask, other=0.0).to(ACC)
@@ -261,14 +250,6 @@ def _bn_bwd_dx_ncs(
 
 
 @triton.jit
-def _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
-    m = m0 + tl.arange(0, BLOCK_M)
-    if INT64_INDEX:
-        m = m.to(tl.int64)
-    return m[:, None] * stride_m + c[None, :], (m < m_end)[:, None] & c_mask[None, :]
-
-
-@triton.jit
 def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b, slope,
                        HAS_RESIDUAL: tl.constexpr, R_IS_OUTPUT: tl.constexpr, ACTIVATION: tl.constexpr,
                        STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
@@ -277,7 +258,7 @@ def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, 
     sum_dz = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_dz_xmu = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        offset, mask = _rows_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
+        offset, mask = rows_tile_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
                                HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
         if STORE_DZ:
@@ -350,7 +331,7 @@ def _bn_bwd_fused_rows(
     inv_count = exact_scalar(inv_count, inv_count_lo, ACC)  # after the loop: see the forward
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     for m0 in range(0, M, BLOCK_M):
-        offset, mask = _rows_offsets(c, c_mask, m0, M, stride_m, INT64_INDEX, BLOCK_M)
+        offset, mask = rows_tile_offsets(c, c_mask, m0, M, stride_m, INT64_INDEX, BLOCK_M)
         x, dz = _load_x_and_dz(X, DY, R, offset, mask, mean[None, :], rstd[None, :], w[None, :], b[None, :], slope,
                                HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, ACC)
         _dx_and_dresidual(DX, DR, offset, mask, x, dz, mean[None, :], rstd[None, :], dz_scale[None, :],
@@ -389,7 +370,7 @@ def _bn_bwd_dx_rows(
         sum_dz = tl.load(SumDy + c, mask=c_mask, other=0.0)
         sum_dz_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
-    offset, mask = _rows_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
+    offset, mask = rows_tile_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
     if DZ_STORED:
         x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
         dz = tl.load(DR + offset, mask=mask, other=0.0).to(ACC)

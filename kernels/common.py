@@ -51,6 +51,12 @@ def tree_sum(x, ROWS: tl.constexpr):
 
 
 @triton.jit
+def tile_total(x, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The sum of a [BLOCK_N, BLOCK_S] tile in tree_sum's order, as a scalar."""
+    return tl.sum(tree_sum(tl.reshape(x, [BLOCK_N * BLOCK_S, 1]), BLOCK_N * BLOCK_S))  # [1] -> scalar
+
+
+@triton.jit
 def shifted_moments(count, local_shift, shift, sum_d, sum_d2):
     """(mean - shift, M2) from the sums of d = x - local_shift over count values.
 
@@ -94,6 +100,27 @@ def ncs_program_chunk(pid, N, S, n_chunk, s_chunk, split_n, split_s):
     n_begin = (part // split_s) * n_chunk
     s_begin = (part % split_s) * s_chunk
     return c, part, n_begin, tl.minimum(n_begin + n_chunk, N), s_begin, tl.minimum(s_begin + s_chunk, S)
+
+
+@triton.jit
+def ncs_tile_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c,
+                     INT64_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Element offsets and mask of the [BLOCK_N, BLOCK_S] tile of channel c at (n0, s0)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    if INT64_INDEX:
+        n = n.to(tl.int64)
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (n < n_end)[:, None] & (s < s_end)[None, :]
+    return c.to(tl.int64) * stride_c + n[:, None] * stride_n + s[None, :], mask
+
+
+@triton.jit
+def rows_tile_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Element offsets and mask of the [BLOCK_M, BLOCK_C] tile of channels c at row m0."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    if INT64_INDEX:
+        m = m.to(tl.int64)
+    return m[:, None] * stride_m + c[None, :], (m < m_end)[:, None] & c_mask[None, :]
 
 
 def ncs_tile_shape(args: dict) -> dict:

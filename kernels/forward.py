@@ -41,8 +41,11 @@ from .common import (
     chan_combine,
     exact_scalar,
     ncs_program_chunk,
+    ncs_tile_offsets,
+    rows_tile_offsets,
     rsqrt_rn,
     shifted_moments,
+    tile_total,
     tree_sum,
 )
 from .configs import PER_CHANNEL_BLOCK, autotune
@@ -61,40 +64,24 @@ def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
     Per-lane sums of d = x - k over the [BLOCK_N, BLOCK_S] tile, k the mean of the first tile,
     folded by tree_sum: the order of every operation is the shape's (common.py).
     """
-    lanes: tl.constexpr = BLOCK_N * BLOCK_S
-    base = X + c.to(tl.int64) * stride_c
-    x, mask = _ncs_load(base, n_begin, s_begin, n_end, s_end, stride_n, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    offset, mask = ncs_tile_offsets(c, n_begin, s_begin, n_end, s_end, stride_n, stride_c,
+                                    INT64_INDEX, BLOCK_N, BLOCK_S)
+    x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     first_count = (tl.minimum(n_end - n_begin, BLOCK_N) * tl.minimum(s_end - s_begin, BLOCK_S)).to(ACC)
-    k = shift + _ncs_total(tl.where(mask, x - shift, 0.0), lanes) / first_count
+    k = shift + tile_total(tl.where(mask, x - shift, 0.0), BLOCK_N, BLOCK_S) / first_count
     sum_d = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     sum_d2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
         for s0 in range(s_begin, s_end, BLOCK_S):
-            x, mask = _ncs_load(base, n0, s0, n_end, s_end, stride_n, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+            offset, mask = ncs_tile_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
+            x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, x - k, 0.0)
             sum_d += d
             sum_d2 += d * d
     count = ((n_end - n_begin) * (s_end - s_begin)).to(ACC)
-    mean, m2 = shifted_moments(count, k, shift, _ncs_total(sum_d, lanes), _ncs_total(sum_d2, lanes))
+    mean, m2 = shifted_moments(count, k, shift, tile_total(sum_d, BLOCK_N, BLOCK_S),
+                               tile_total(sum_d2, BLOCK_N, BLOCK_S))
     return count, mean, m2
-
-
-@triton.jit
-def _ncs_load(base, n0, s0, n_end, s_end, stride_n, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The [BLOCK_N, BLOCK_S] tile of one channel at (n0, s0), in ACC, and its mask."""
-    n = n0 + tl.arange(0, BLOCK_N)
-    if INT64_INDEX:
-        n = n.to(tl.int64)
-    s = s0 + tl.arange(0, BLOCK_S)
-    mask = (n < n_end)[:, None] & (s < s_end)[None, :]
-    return tl.load(base + n[:, None] * stride_n + s[None, :], mask=mask, other=0.0).to(ACC), mask
-
-
-@triton.jit
-def _ncs_total(lanes_value, LANES: tl.constexpr):
-    """The sum of a [BLOCK_N, BLOCK_S] tile in tree_sum's order, as a scalar."""
-    return tl.sum(tree_sum(tl.reshape(lanes_value, [LANES, 1]), LANES))  # [1] -> scalar
 
 
 @triton.jit
@@ -252,30 +239,21 @@ def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """(count, mean - shift, M2) per channel of the block c over rows [m_begin, m_end): per-lane
     (row of the tile) sums of x - k, k the first tile's mean, as in the NCS layout."""
-    x, mask = _rows_load(X, c, c_mask, m_begin, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M)
+    offset, mask = rows_tile_offsets(c, c_mask, m_begin, m_end, stride_m, INT64_INDEX, BLOCK_M)
+    x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     first_count = tl.minimum(m_end - m_begin, BLOCK_M).to(ACC)
     k = shift + tree_sum(tl.where(mask, x - shift[None, :], 0.0), BLOCK_M) / first_count
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        x, mask = _rows_load(X, c, c_mask, m0, m_end, stride_m, ACC, INT64_INDEX, BLOCK_M)
+        offset, mask = rows_tile_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
+        x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
         d = tl.where(mask, x - k[None, :], 0.0)
         sum_d += d
         sum_d2 += d * d
     count = tl.zeros([BLOCK_C], ACC) + (m_end - m_begin).to(ACC)
     mean, m2 = shifted_moments(count, k, shift, tree_sum(sum_d, BLOCK_M), tree_sum(sum_d2, BLOCK_M))
     return count, mean, m2
-
-
-@triton.jit
-def _rows_load(X, c, c_mask, m0, m_end, stride_m, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
-               BLOCK_M: tl.constexpr):
-    """The [BLOCK_M, BLOCK_C] tile at row m0, in ACC, and its mask."""
-    m = m0 + tl.arange(0, BLOCK_M)
-    if INT64_INDEX:
-        m = m.to(tl.int64)
-    mask = (m < m_end)[:, None] & c_mask[None, :]
-    return tl.load(X + m[:, None] * stride_m + c[None, :], mask=mask, other=0.0).to(ACC), mask
 
 
 @triton.jit

@@ -207,6 +207,12 @@ def _rank(values: tuple[str, ...], value: str) -> int:
     return values.index(value) if value in values else len(values)
 
 
+def _table_order(key: tuple) -> tuple:
+    """Sort key of a (mode, dtype, layout) summary row: the suite's own order of each."""
+    mode, dtype, layout = key
+    return _rank(MODES, mode), _rank(DTYPES, dtype), _rank(LAYOUTS, layout)
+
+
 def _rn50_net(entries: list[dict], layers_total: int) -> float:
     """ResNet-50's total time of this op, eager over tritonbn, each shape weighted by its layer
     count; NaN unless every layer was measured (a run cut short by its time budget has fewer)."""
@@ -236,7 +242,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
     every_shape_ok = True
     all_eager, all_compile, eval_fractions = [], [], []
     table = speedups(rows)
-    for key in sorted(table, key=lambda k: (_rank(MODES, k[0]), _rank(DTYPES, k[1]), _rank(LAYOUTS, k[2]))):
+    for key in sorted(table, key=_table_order):
         mode, dtype, layout = key
         entries = table[key]
         eager = [e["vs_eager"] for e in entries]
@@ -305,7 +311,7 @@ def _fused_summary(rows: list[dict]) -> tuple[list[str], list[float], list[float
     all_eager, all_compile, rn50_eager = [], [], []
     for op in FUSED_OPS:
         table = tables[op]
-        for key in sorted(table, key=lambda k: (_rank(MODES, k[0]), _rank(DTYPES, k[1]), _rank(LAYOUTS, k[2]))):
+        for key in sorted(table, key=_table_order):
             mode, dtype, layout = key
             entries = table[key]
             eager = [e["vs_eager"] for e in entries]

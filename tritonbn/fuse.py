@@ -363,17 +363,16 @@ def _restore_unused_state(original: torch.nn.Module, gm: fx.GraphModule) -> None
             if module.state_dict():  # stateless ones (a fused-away ReLU) stay out
                 gm.add_submodule(name, module)  # the original object, with everything below it
             continue
-        if present is module:
-            continue
-        for key, param in module._parameters.items():
-            if key not in present._parameters and param is not None:
-                present.register_parameter(key, param)
-        for key, buffer in module._buffers.items():
-            if key not in present._buffers and buffer is not None:
-                present.register_buffer(key, buffer, persistent=key not in module._non_persistent_buffers_set)
-    for key, param in original._parameters.items():
-        if key not in gm._parameters and param is not None:
-            gm.register_parameter(key, param)
-    for key, buffer in original._buffers.items():
-        if key not in gm._buffers and buffer is not None:
-            gm.register_buffer(key, buffer, persistent=key not in original._non_persistent_buffers_set)
+        if present is not module:
+            _adopt_direct_state(present, module)
+    _adopt_direct_state(gm, original)
+
+
+def _adopt_direct_state(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Register on target the parameters and buffers of source (not its children's) it lacks."""
+    for key, param in source._parameters.items():
+        if key not in target._parameters and param is not None:
+            target.register_parameter(key, param)
+    for key, buffer in source._buffers.items():
+        if key not in target._buffers and buffer is not None:
+            target.register_buffer(key, buffer, persistent=key not in source._non_persistent_buffers_set)
