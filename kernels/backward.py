@@ -12,7 +12,7 @@ when an activation is fused; z is recomputed here, never stored):
     dresidual   = dz
 
 mean and rstd are the forward's saved statistics: the batch's in training, the running
-ones in eval. Layouts (NCS and rows) and routes (fused or split) mirror kernels/forward.py:
+ones in eval. Layouts (NCS and rows) and routes (one-launch or split) mirror kernels/forward.py:
 the split route writes per-program partial sums that a combine kernel adds in a fixed order,
 so gradients are deterministic without atomics. Within a program, each lane of the tile keeps
 its own sums, folded by common.tree_sum: the bits do not depend on the launch config.
@@ -157,7 +157,7 @@ def _bn_bwd_reduce_ncs(
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
-def _bn_bwd_fused_ncs(
+def _bn_bwd_one_launch_ncs(
     X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
@@ -304,7 +304,7 @@ def _bn_bwd_reduce_rows(
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
-def _bn_bwd_fused_rows(
+def _bn_bwd_one_launch_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype

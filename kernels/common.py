@@ -8,12 +8,12 @@ M2 = sum((x - mean)^2):
     mean  = mean_a + delta * n_b / n
     M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
 
-Within a program, each lane of a tile accumulates sum(d) and sum(d^2) of d = x - k, where k
-is the mean of the program's first tile: d is O(std) even when the mean is 1e4 and the std
-0.5, so M2 = sum(d^2) - sum(d)^2 / n does not cancel (shifted_moments). Programs are merged by
-Chan's formula. Partial means are stored relative to one sample of the channel
-(K = x[0, c, 0]), so the between-part term of M2 also sees O(std) differences, not
-differences of two rounded numbers near 1e4.
+Within a program, each lane of a tile accumulates sum(d) and sum(d^2) of d = x - k_tile,
+where k_tile is the mean of the program's first tile: d is O(std) even when the mean is 1e4
+and the std 0.5, so M2 = sum(d^2) - sum(d)^2 / n does not cancel (shifted_moments). Programs
+are merged by Chan's formula. Partial means are stored relative to the channel's pivot, one
+sample of it (k = x[0, c, 0]), so the between-part term of M2 also sees O(std) differences,
+not differences of two rounded numbers near 1e4.
 
 Reductions are config-invariant: their bits depend on the shape only, never on the warps or
 channel block an autotune config picks. ``tl.sum`` over more than two elements adds in an
@@ -57,16 +57,17 @@ def tile_total(x, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def shifted_moments(count, local_shift, shift, sum_d, sum_d2):
-    """(mean - shift, M2) from the sums of d = x - local_shift over count values.
+def shifted_moments(count, k_tile, k, sum_d, sum_d2):
+    """(mean - k, M2) from the sums of d = x - k_tile over count values.
 
-    M2 = sum d^2 - (sum d)^2 / count cancels only as much as |mean - local_shift| exceeds the
-    standard deviation; callers take local_shift from the data (a tile's mean), so it rarely
-    does. Rounding can still push M2 a hair below 0: clamped.
+    M2 = sum d^2 - (sum d)^2 / count cancels only as much as |mean - k_tile| exceeds the
+    standard deviation; callers take k_tile from the data (a tile's mean), so it rarely
+    does. Rounding can still push M2 a hair below 0: clamped. k is the channel's pivot, the
+    value partial means are stored relative to.
     """
     mean_d = sum_d / count
     m2 = sum_d2 - sum_d * mean_d
-    return (local_shift - shift) + mean_d, tl.where(m2 < 0.0, 0.0, m2)  # NaN stays NaN
+    return (k_tile - k) + mean_d, tl.where(m2 < 0.0, 0.0, m2)  # NaN stays NaN
 
 
 @triton.jit

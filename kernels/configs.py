@@ -178,11 +178,12 @@ def rows_reduce_block_m(args: dict) -> int:
     return max(min(rows, triton.next_power_of_2(args["m_chunk"])), 1)
 
 
-def autotune(kind: str, key: list[str]):
+def autotune(kind: str, key: list[str], in_place_flag: str | None = None):
     """``triton.autotune`` over a family's configs, with tuned results cached on disk.
 
-    Only kernels without in-place side effects are tuned: a trial run rewrites the same
-    fresh outputs, never the running statistics.
+    A trial run rewrites the same fresh outputs, never the running statistics: a kernel
+    that can update them in place names the constexpr that turns the update on
+    (``in_place_flag``), and is tuned with it off (tuning_cache.DiskCachedAutotuner).
     """
     tune = triton.autotune(configs=configs(kind), key=key, prune_configs_by={"early_config_prune": prune_configs})
 
@@ -193,6 +194,7 @@ def autotune(kind: str, key: list[str]):
         tuner.__class__ = DiskCachedAutotuner
         tuner.use_disk = AUTOTUNE_DISK_CACHE
         tuner.reduces = kind in REDUCING_FAMILIES
+        tuner.in_place_flag = in_place_flag
         return tuner
 
     return decorate
@@ -218,7 +220,7 @@ def ncs_split(n: int, c: int, s: int, sm_count: int) -> tuple[int, int]:
 
     Returns ``(split_n, split_s)``: the batch axis is cut into ``split_n`` chunks and the
     spatial axis into ``split_s`` chunks (multiples of ``SPATIAL_SPLIT_QUANTUM``). ``(1, 1)``
-    means one program per channel, and the launcher then uses the fused single-launch kernel.
+    means one program per channel: the one-launch route.
     """
     target = sm_count * PROGRAMS_PER_SM
     per_channel = n * s

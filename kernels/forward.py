@@ -20,10 +20,12 @@ The input is seen in one of two canonical layouts, both read through their strid
 Training forward takes one of two routes, chosen by the launcher from the split heuristic
 (kernels/configs.py):
 
-* fused: one program per channel (block) reduces the whole channel, then normalises it.
-  One launch; the second read of x mostly hits L2 because each program's slice is small.
+* one-launch: one program per channel (block) reduces the whole channel, updates its running
+  statistics, then normalises it. One launch; the second read of x mostly hits L2 because
+  each program's slice is small.
 * split: partial statistics from many programs per channel -> a combine kernel that writes
-  mean, rstd and var -> an elementwise normalise kernel. Used when there are too few
+  mean, rstd and var (and updates the running statistics) -> an elementwise normalise
+  kernel. Used when there are too few
   channels to fill the GPU (ResNet stem: C = 64, M = 256 * 112 * 112).
 
 Statistics are accumulated and stored in ACC (float32, or float64 for float64 input).
@@ -49,6 +51,7 @@ from .common import (
     tree_sum,
 )
 from .configs import PER_CHANNEL_BLOCK, autotune
+from .running_stats import blend_running_stats
 
 # ----------------------------------------------------------------------------------------------
 # NCS layout: [N, C, S], S contiguous
@@ -56,30 +59,30 @@ from .configs import PER_CHANNEL_BLOCK, autotune
 
 
 @triton.jit
-def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
+def _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, k,
                        ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """(count, mean - shift, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end).
+    """(count, mean - k, M2) of channel c over n in [n_begin, n_end), s in [s_begin, s_end).
 
-    Per-lane sums of d = x - k over the [BLOCK_N, BLOCK_S] tile, k the mean of the first tile,
-    folded by tree_sum: the order of every operation is the shape's (common.py).
+    Per-lane sums of d = x - k_tile over the [BLOCK_N, BLOCK_S] tile, k_tile the mean of the
+    first tile, folded by tree_sum: the order of every operation is the shape's (common.py).
     """
     offset, mask = ncs_tile_offsets(c, n_begin, s_begin, n_end, s_end, stride_n, stride_c,
                                     INT64_INDEX, BLOCK_N, BLOCK_S)
     x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     first_count = (tl.minimum(n_end - n_begin, BLOCK_N) * tl.minimum(s_end - s_begin, BLOCK_S)).to(ACC)
-    k = shift + tile_total(tl.where(mask, x - shift, 0.0), BLOCK_N, BLOCK_S) / first_count
+    k_tile = k + tile_total(tl.where(mask, x - k, 0.0), BLOCK_N, BLOCK_S) / first_count
     sum_d = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     sum_d2 = tl.zeros([BLOCK_N, BLOCK_S], ACC)
     for n0 in range(n_begin, n_end, BLOCK_N):
         for s0 in range(s_begin, s_end, BLOCK_S):
             offset, mask = ncs_tile_offsets(c, n0, s0, n_end, s_end, stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
             x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-            d = tl.where(mask, x - k, 0.0)
+            d = tl.where(mask, x - k_tile, 0.0)
             sum_d += d
             sum_d2 += d * d
     count = ((n_end - n_begin) * (s_end - s_begin)).to(ACC)
-    mean, m2 = shifted_moments(count, k, shift, tile_total(sum_d, BLOCK_N, BLOCK_S),
+    mean, m2 = shifted_moments(count, k_tile, k, tile_total(sum_d, BLOCK_N, BLOCK_S),
                                tile_total(sum_d2, BLOCK_N, BLOCK_S))
     return count, mean, m2
 
@@ -125,7 +128,7 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
     PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC), mean shifted
-    Shift,  # [C] out: the shift K = x[0, c, 0] of each channel's partial means (ACC)
+    K,  # [C] out: each channel's pivot k = x[0, c, 0]; partial means are relative to it (ACC)
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # batch rows and spatial elements per program
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -136,45 +139,51 @@ def _bn_fwd_stats_ncs(
     # grid: C * split_n * split_s programs; a channel's programs are adjacent.
     c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
                                                                 split_n, split_s)
-    shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
-    count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, shift,
+    k = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
+    count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, k,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
     if part == 0:
-        tl.store(Shift + c, shift)
+        tl.store(K + c, k)
     offset = part * C + c
     tl.store(PartCount + offset, count)
     tl.store(PartMean + offset, mean)
     tl.store(PartM2 + offset, m2)
 
 
-@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"])
+@autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
 @triton.heuristics(NCS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
-def _bn_fwd_fused_ncs(
+def _bn_fwd_one_launch_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
+    momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: one program per channel, which reads its channel twice (the second time from L2).
     c = tl.program_id(0)
-    shift = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
-    count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, shift,
+    k = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
+    count, mean, m2 = _ncs_channel_stats(X, c, 0, N, 0, S, stride_n, stride_c, k,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
-    mean += shift
+    mean += k
     eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / count
     rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean)
     tl.store(Rstd + c, rstd)
     tl.store(Var + c, var)
+    if UPDATE_RUNNING:
+        blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c < C, mean, var, momentum, momentum_lo,
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -234,25 +243,25 @@ def _bn_fwd_normalize_ncs(
 
 
 @triton.jit
-def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
+def _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, k,
                         ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(count, mean - shift, M2) per channel of the block c over rows [m_begin, m_end): per-lane
-    (row of the tile) sums of x - k, k the first tile's mean, as in the NCS layout."""
+    """(count, mean - k, M2) per channel of the block c over rows [m_begin, m_end): per-lane
+    (row of the tile) sums of x - k_tile, k_tile the first tile's mean, as in the NCS layout."""
     offset, mask = rows_tile_offsets(c, c_mask, m_begin, m_end, stride_m, INT64_INDEX, BLOCK_M)
     x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
     first_count = tl.minimum(m_end - m_begin, BLOCK_M).to(ACC)
-    k = shift + tree_sum(tl.where(mask, x - shift[None, :], 0.0), BLOCK_M) / first_count
+    k_tile = k + tree_sum(tl.where(mask, x - k[None, :], 0.0), BLOCK_M) / first_count
     sum_d = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     sum_d2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for m0 in range(m_begin, m_end, BLOCK_M):
         offset, mask = rows_tile_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX, BLOCK_M)
         x = tl.load(X + offset, mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, x - k[None, :], 0.0)
+        d = tl.where(mask, x - k_tile[None, :], 0.0)
         sum_d += d
         sum_d2 += d * d
     count = tl.zeros([BLOCK_C], ACC) + (m_end - m_begin).to(ACC)
-    mean, m2 = shifted_moments(count, k, shift, tree_sum(sum_d, BLOCK_M), tree_sum(sum_d2, BLOCK_M))
+    mean, m2 = shifted_moments(count, k_tile, k, tree_sum(sum_d, BLOCK_M), tree_sum(sum_d2, BLOCK_M))
     return count, mean, m2
 
 
@@ -292,7 +301,7 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
     PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC), mean shifted
-    Shift,  # [C] out: the shift K = x[0, c] of each channel's partial means (ACC)
+    K,  # [C] out: each channel's pivot k = x[0, c]; partial means are relative to it (ACC)
     M, C, stride_m,
     m_chunk, split_m,  # rows per program, programs per channel block
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -307,45 +316,51 @@ def _bn_fwd_stats_rows(
     c_mask = c < C
     m_begin = part * m_chunk
     m_end = tl.minimum(m_begin + m_chunk, M)
-    shift = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
-    count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, shift,
+    k = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, k,
                                           ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
     if part == 0:
-        tl.store(Shift + c, shift, mask=c_mask)
+        tl.store(K + c, k, mask=c_mask)
     offset = part * C + c
     tl.store(PartCount + offset, count, mask=c_mask)
     tl.store(PartMean + offset, mean, mask=c_mask)
     tl.store(PartM2 + offset, m2, mask=c_mask)
 
 
-@autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
+@autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
 @triton.heuristics(ROWS_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
-def _bn_fwd_fused_rows(
+def _bn_fwd_one_launch_rows(
     X, Y,  # [M, C] input and output
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC)
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     M, C, stride_m, y_stride_m,
     m_chunk,  # = M (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
+    momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid: one program per block of BLOCK_C channels, over all M rows, twice.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    shift = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
-    count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, shift, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
-    mean += shift
+    k = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
+    count, mean, m2 = _rows_channel_stats(X, c, c_mask, 0, M, stride_m, k, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    mean += k
     eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only in the block's padding channels
     rstd = rsqrt_rn(var + eps, ACC)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rstd, mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)
+    if UPDATE_RUNNING:
+        blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for m0 in range(0, M, BLOCK_M):
@@ -401,10 +416,12 @@ def _bn_fwd_normalize_rows(
 @triton.jit
 def _bn_fwd_combine(
     PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC), mean shifted
-    Shift,  # [C] each channel's shift (ACC)
+    K,  # [C] each channel's pivot (ACC): partial means are relative to it
     Mean, Rstd, Var,  # [C] out (ACC)
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     C, splits, eps, eps_lo,  # eps as a float pair (common.exact_scalar)
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     eps = exact_scalar(eps, eps_lo, ACC)
     # grid: cdiv(C, BLOCK_C). Partials are merged in a fixed order: the same bits every run.
@@ -422,10 +439,13 @@ def _bn_fwd_combine(
             tl.load(PartM2 + offset, mask=c_mask, other=0.0),
         )
     var = m2 / tl.maximum(count, 1.0)
-    mean += tl.load(Shift + c, mask=c_mask, other=0.0)
+    mean += tl.load(K + c, mask=c_mask, other=0.0)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rsqrt_rn(var + eps, ACC), mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)
+    if UPDATE_RUNNING:
+        blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
 
 
 COMBINE_BLOCK_C = PER_CHANNEL_BLOCK

@@ -8,14 +8,33 @@
 M is the batch's element count per channel: a host number, or (SyncBatchNorm, where other
 processes' batch sizes are only known on the device) a per-channel device tensor.
 
-This is the only kernel with an in-place side effect. It is never autotuned, so a tuner's
-trial runs can not apply the update twice.
+The update is folded into the last kernel of a training forward (the one-launch kernels and
+the split route's combine kernel) through ``blend_running_stats``, behind an UPDATE_RUNNING
+constexpr; this standalone kernel serves SyncBatchNorm (whose count is on the device) and
+running buffers that are not contiguous. A tuned kernel with the update is only ever tuned
+with UPDATE_RUNNING off (kernels/tuning_cache.py): trial runs never apply it.
 """
 
 import triton
 import triton.language as tl
 
 from .common import exact_scalar
+
+
+@triton.jit
+def blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var,
+                        momentum, momentum_lo, bessel, CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
+    """The update of channels c (mean, var: ACC values); bessel: M / (M - 1), as ACC values."""
+    if CUMULATIVE:
+        factor = 1.0 / tl.load(NumBatchesTracked).to(ACC)
+    else:
+        factor = exact_scalar(momentum, momentum_lo, ACC)
+    running_mean = tl.load(RunningMean + c, mask=c_mask, other=0.0).to(ACC)
+    running_var = tl.load(RunningVar + c, mask=c_mask, other=0.0).to(ACC)
+    running_mean = factor * mean + (1.0 - factor) * running_mean
+    running_var = factor * (var * bessel) + (1.0 - factor) * running_var
+    tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
+    tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -30,20 +49,12 @@ def _bn_update_running_stats(
     # grid: cdiv(C, BLOCK_C).
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    if CUMULATIVE:
-        factor = 1.0 / tl.load(NumBatchesTracked).to(ACC)
-    else:
-        factor = exact_scalar(momentum, momentum_lo, ACC)
-    running_mean = tl.load(RunningMean + c, mask=c_mask, other=0.0).to(ACC)
-    running_var = tl.load(RunningVar + c, mask=c_mask, other=0.0).to(ACC)
     mean = tl.load(Mean + c, mask=c_mask, other=0.0)
     var = tl.load(Var + c, mask=c_mask, other=0.0)
-    running_mean = factor * mean + (1.0 - factor) * running_mean
     if DEVICE_COUNT:
         count = tl.load(Count + c, mask=c_mask, other=2.0)
         bessel = count / tl.maximum(count - 1.0, 1.0)
     else:
         bessel = exact_scalar(bessel, bessel_lo, ACC)
-    running_var = factor * (var * bessel) + (1.0 - factor) * running_var
-    tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
-    tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
+    blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
+                        bessel, CUMULATIVE, ACC)

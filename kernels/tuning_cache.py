@@ -87,7 +87,8 @@ def _target_name() -> str:
 class DiskCachedAutotuner(Autotuner):
     """triton.autotune's Autotuner, with tuned configs read from and written to disk (unless
     ``use_disk`` is False), one tuning at a time per kernel, no tuning inside a CUDA graph
-    capture, and fixed configs for reductions under torch.use_deterministic_algorithms."""
+    capture, fixed configs for reductions under torch.use_deterministic_algorithms, and
+    in-place effects (``in_place_flag``) kept out of every trial run."""
 
     def _tuning_key(self, args, kwargs):
         # The same key as Autotuner.run builds (Triton 3.6 to 3.9): key args, then tensor dtypes.
@@ -112,6 +113,11 @@ class DiskCachedAutotuner(Autotuner):
     # the choice of compiled variant depends on timings.
     reduces = False
 
+    # The name of a constexpr that switches on an in-place side effect (the running-statistics
+    # update), or None. Trial runs never have it on: a new key is tuned on the variant without
+    # the effect, then the chosen config runs once with it.
+    in_place_flag: str | None = None
+
     def run(self, *args, **kwargs):
         if len(self.configs) < 2:
             return super().run(*args, **kwargs)
@@ -127,18 +133,26 @@ class DiskCachedAutotuner(Autotuner):
         # Autotuner.run keeps per-call state on the shared object (self.nargs): one tuning at
         # a time per kernel, so threads tuning a new shape at once do not trample each other.
         with self._tuning_lock():
-            if key in self.cache:
-                return super().run(*args, **kwargs)
-            text_key = repr(tuple(str(k) for k in key))
-            if self.use_disk:
-                index = load_entry(self._cache_path(), text_key, len(self.configs))
-                if index is not None:
-                    self.cache[key] = self.configs[index]
-            tuned_before = key in self.cache
-            result = super().run(*args, **kwargs)
-            if self.use_disk and not tuned_before and key in self.cache:
-                store_entry(self._cache_path(), text_key, self.configs.index(self.cache[key]))
-            return result
+            if key not in self.cache:
+                self._tune(key, args, kwargs)
+            return super().run(*args, **kwargs)
+
+    def _tune(self, key, args, kwargs) -> None:
+        """Fill self.cache[key]: from disk, or by benchmarking (without in-place effects)."""
+        text_key = repr(tuple(str(k) for k in key))
+        if self.use_disk:
+            index = load_entry(self._cache_path(), text_key, len(self.configs))
+            if index is not None:
+                self.cache[key] = self.configs[index]
+                return
+        trial_kwargs = dict(kwargs)
+        if self.in_place_flag is not None:
+            trial_kwargs[self.in_place_flag] = False
+        # Benchmarks every config, then launches the best once: outputs are written (and
+        # rewritten by the caller's launch), in-place buffers are never touched.
+        super().run(*args, **trial_kwargs)
+        if self.use_disk and key in self.cache:
+            store_entry(self._cache_path(), text_key, self.configs.index(self.cache[key]))
 
     def _tuning_lock(self) -> threading.Lock:
         with _LOCKS_GUARD:

@@ -39,6 +39,7 @@ import csv
 import datetime
 import gc
 import itertools
+import json
 import math
 import os
 import re
@@ -795,6 +796,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: perf/results/<card-slug>/ on a GPU, perf/out/ on a CPU)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-host-cost", action="store_true", help="skip the host-cost benchmark (perf/host_cost.py)")
     parser.add_argument("--print-out-dir", action="store_true", help="print the default output folder and exit")
     parser.add_argument("--summarize", action="store_true",
                         help="measure nothing: plot and summarise the CSV already in the output folder")
@@ -869,7 +871,31 @@ def main(argv: list[str] | None = None) -> int:
     if report.skipped:
         print(f"time budget of {args.time_budget:.0f}s reached: {len(report.skipped)} case(s) not run "
               f"(run again with --resume to add them): {', '.join(report.skipped)}")
-    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues, report.first_call_lines())
+    notes = report.first_call_lines()
+    if not args.no_host_cost:
+        notes += host_cost_lines(out_dir, report.issues)
+    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues, notes)
+
+
+def host_cost_lines(out_dir: Path, issues: list[str]) -> list[str]:
+    """perf/host_cost.py's table (host µs per step beside torch's module, launches per op).
+
+    In a process of its own: on a CPU it runs Triton's compiled launch path against a mock
+    driver, which this (interpreted) process cannot; on a GPU it wants a quiet process too.
+    """
+    out_json = out_dir / "host_cost.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    print("\nhost cost (perf/host_cost.py) ...", flush=True)
+    proc = subprocess.run([sys.executable, "-m", "perf.host_cost", "--json", str(out_json)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not out_json.exists():
+        issues.append(f"host-cost benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return []
+    from perf import host_cost
+
+    result = json.loads(out_json.read_text())
+    return ["", f"Host cost per step ({result['environment']}):", host_cost.table(result["rows"]), ""]
 
 
 if __name__ == "__main__":

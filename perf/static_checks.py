@@ -71,14 +71,14 @@ AMD_ARCH = "gfx942"
 SCENARIOS = (
     # (route, shape, memory format)
     ("ncs-split", (32, 64, 56, 56), "contiguous"),  # ResNet stem-like: few channels, big planes
-    ("ncs-fused", (32, 512, 28, 28), "contiguous"),  # many channels: one program per channel
+    ("ncs-one-launch", (32, 512, 28, 28), "contiguous"),  # many channels: one program per channel
     ("rows-split", (32, 64, 56, 56), "channels_last"),
-    ("rows-fused", (512, 1024), "contiguous"),  # BatchNorm1d on (N, C)
+    ("rows-one-launch", (512, 1024), "contiguous"),  # BatchNorm1d on (N, C)
 )
 # Negative control: a shape whose strides are not multiples of 16. Its launch loses the
 # divisibility hints, so its loads must come out scalar; if the report still found 128-bit
 # loads, the load analysis (not the kernel) would be broken.
-MISALIGNED_SCENARIO = ("ncs-fused", (8, 16, 15, 15), "contiguous")
+MISALIGNED_SCENARIO = ("ncs-one-launch", (8, 16, 15, 15), "contiguous")
 
 # Occupancy limits per streaming multiprocessor (CUDA occupancy calculator values).
 GPU_LIMITS = {
@@ -443,12 +443,12 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
                     cfg.all_configs(kind)[0] if kind else None, role="amd", expect_vector=False)
         # Negative controls: each must show the defect its detector looks for.
         for route, _, kernel, args, kwargs in _record_launches(dtype, (MISALIGNED_SCENARIO,), extra=False):
-            if _unwrap(kernel)[0].__name__ == "_bn_fwd_fused_ncs":
+            if _unwrap(kernel)[0].__name__ == "_bn_fwd_one_launch_ncs":
                 add(route, kernel, args, kwargs, dtype, cuda_targets[0], cfg.all_configs("ncs_reduce")[0],
                     role="control-misaligned", expect_vector=False)
                 break
         for route, _, kernel, args, kwargs in calls:
-            if _unwrap(kernel)[0].__name__ == "_bn_bwd_fused_rows":
+            if _unwrap(kernel)[0].__name__ == "_bn_bwd_one_launch_rows":
                 starved = triton.Config(dict(cfg.all_configs("rows_reduce")[-1].kwargs), num_warps=8, maxnreg=32)
                 add(route, kernel, args, kwargs, dtype, cuda_targets[0], starved,
                     role="control-spill", expect_vector=False)
@@ -778,7 +778,7 @@ def _cost(variant: Variant) -> float:
     tile = 1
     for part in variant.tile.split("x"):
         tile *= int(part) if part.isdigit() else 1
-    return (3 if "fused" in variant.kernel else 1) * math.log2(tile + 1) + (2 if variant.target[0] == "hip" else 0)
+    return (3 if "one_launch" in variant.kernel else 1) * math.log2(tile + 1) + (2 if variant.target[0] == "hip" else 0)
 
 
 def run_sweep(variants: list[Variant], workers: int = 2, progress: bool = True) -> list[dict]:

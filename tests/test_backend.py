@@ -66,24 +66,23 @@ def test_no_host_sync_cuda_debug_mode():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_running_stats_updated_by_one_launch_per_forward(monkeypatch):
-    calls = []
-    real = _launch.update_running_stats
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_launch, "update_running_stats", counting)
+@pytest.mark.parametrize("shape,launches", [((4, 3, 6, 6), 1), ((2, 3, 160, 160), 3)], ids=["one-launch", "split"])
+def test_running_stats_updated_inside_the_forward_launches(shape, launches):
+    """The running-statistics update is folded into the last forward kernel: a training
+    forward is one launch on the one-launch route, three on the split route, and the buffers
+    follow torch's."""
     bn = tritonbn.BatchNorm2d(3).to(DEVICE)
     ref = torch.nn.BatchNorm2d(3).to(DEVICE)
+    assert _launch.route(torch.empty(shape, device=DEVICE)).endswith("one-launch" if launches == 1 else "split")
     for _ in range(3):
-        x = torch.randn(4, 3, 6, 6, device=DEVICE) * 2 + 1
+        x = torch.randn(shape, device=DEVICE) * 2 + 1
+        before = _launch.launch_count
         bn(x)
+        assert _launch.launch_count - before == launches
         ref(x)
-    assert len(calls) == 3
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 3
 
 
 def test_cpu_without_interpreter_falls_back_to_torch():

@@ -65,11 +65,11 @@ def test_degenerate_shapes_match_torch(shape, memory_format, comment):
 
 
 def test_wide_batchnorm1d():
-    # Many channels, tiny batch: one program per block of channels (the rows-fused route).
+    # Many channels, tiny batch: one program per block of channels (the rows-one-launch route).
     torch.manual_seed(1)
     channels = 65536 if DEVICE == "cuda" else 4099
     x = torch.randn(3, channels, device=DEVICE)
-    assert _launch.route(x) == "rows-fused"
+    assert _launch.route(x) == "rows-one-launch"
     _compare((3, channels), steps=1)
 
 
@@ -79,6 +79,6 @@ def test_one_very_long_channel():
     shape = (4, 1, 4096, 4096) if DEVICE == "cuda" else (4, 1, 512, 512)
     x = torch.randn(shape, device=DEVICE)
     view = _launch.canonical_input(x)[1]
-    split_n, split_s, _, _ = _launch._ncs_split(view, x.device)
+    split_n, split_s, _, _ = _launch._split(view, x.device)
     assert split_n * split_s >= min(_launch.sm_count(x.device), view.m // 16384)
     _compare(shape, steps=1, atol=2e-5)

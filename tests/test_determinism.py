@@ -61,16 +61,16 @@ def test_elementwise_bits_do_not_depend_on_the_config(monkeypatch, shape, memory
 
 
 REDUCING_KERNELS = {
-    "ncs_reduce": (fwd_kernels._bn_fwd_stats_ncs, fwd_kernels._bn_fwd_fused_ncs),
-    "ncs_reduce_bwd": (bwd_kernels._bn_bwd_reduce_ncs, bwd_kernels._bn_bwd_fused_ncs),
-    "rows_reduce": (fwd_kernels._bn_fwd_stats_rows, fwd_kernels._bn_fwd_fused_rows,
-                    bwd_kernels._bn_bwd_reduce_rows, bwd_kernels._bn_bwd_fused_rows),
+    "ncs_reduce": (fwd_kernels._bn_fwd_stats_ncs, fwd_kernels._bn_fwd_one_launch_ncs),
+    "ncs_reduce_bwd": (bwd_kernels._bn_bwd_reduce_ncs, bwd_kernels._bn_bwd_one_launch_ncs),
+    "rows_reduce": (fwd_kernels._bn_fwd_stats_rows, fwd_kernels._bn_fwd_one_launch_rows,
+                    bwd_kernels._bn_bwd_reduce_rows, bwd_kernels._bn_bwd_one_launch_rows),
 }
 # (shape, memory format, the route the training forward takes on the interpreter's SM count)
 REDUCING_CASES = [
-    ((4, 6, 9, 11), torch.contiguous_format, "ncs-fused"),
+    ((4, 6, 9, 11), torch.contiguous_format, "ncs-one-launch"),
     ((4, 2, 96, 96), torch.contiguous_format, "ncs-split"),
-    ((4, 70, 9, 11), torch.channels_last, "rows-fused"),
+    ((4, 70, 9, 11), torch.channels_last, "rows-one-launch"),
     ((64, 3, 24, 24), torch.channels_last, "rows-split"),
 ]
 

@@ -22,8 +22,8 @@ REFERENCE_ACTIVATIONS = {
 
 # (shape, memory format, comment)
 LAYOUTS = [
-    ((4, 6, 5, 7), None, "ncs-fused"),
-    ((4, 6, 5, 7), torch.channels_last, "rows-fused"),
+    ((4, 6, 5, 7), None, "ncs-one-launch"),
+    ((4, 6, 5, 7), torch.channels_last, "rows-one-launch"),
     ((2, 3, 150, 150), None, "ncs-split"),
     ((9, 4, 60, 70), torch.channels_last, "rows-split"),
 ]

@@ -183,7 +183,7 @@ def test_float64_matches_formula_reference(shape, memory_format, training, affin
 def test_reference_cases_cover_every_route():
     routes = {_launch.route(_random_input(shape, memory_format))
               for shape, memory_format, _ in REFERENCE_LAYOUTS + SPLIT_LAYOUTS}
-    assert routes == {"ncs-fused", "ncs-split", "rows-fused", "rows-split"}
+    assert routes == {"ncs-one-launch", "ncs-split", "rows-one-launch", "rows-split"}
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -78,12 +78,12 @@ def _check_step(ref, ours, x, dtype, grad_scale=1.0):
 
 # (shape, memory format, comment): every route and layout, odd sizes on purpose.
 SHAPES = [
-    ((4, 3, 5, 7), None, "NCHW, C and spatial not powers of two: ncs-fused"),
-    ((4, 6, 5, 7), torch.channels_last, "channels_last: rows-fused"),
-    ((2, 5, 3, 4, 6), None, "NCDHW: ncs-fused"),
-    ((2, 5, 3, 4, 6), torch.channels_last_3d, "channels_last_3d: rows-fused"),
-    ((13, 10), None, "BatchNorm1d (N, C): rows-fused"),
-    ((5, 7, 33), None, "BatchNorm1d (N, C, L): ncs-fused"),
+    ((4, 3, 5, 7), None, "NCHW, C and spatial not powers of two: ncs-one-launch"),
+    ((4, 6, 5, 7), torch.channels_last, "channels_last: rows-one-launch"),
+    ((2, 5, 3, 4, 6), None, "NCDHW: ncs-one-launch"),
+    ((2, 5, 3, 4, 6), torch.channels_last_3d, "channels_last_3d: rows-one-launch"),
+    ((13, 10), None, "BatchNorm1d (N, C): rows-one-launch"),
+    ((5, 7, 33), None, "BatchNorm1d (N, C, L): ncs-one-launch"),
     ((2, 3, 150, 150), None, "long channel, few of them: ncs-split over N and S"),
     ((9, 4, 60, 70), torch.channels_last, "channels_last long channel: rows-split"),
     ((40000, 3), None, "BatchNorm1d tall: rows-split"),
@@ -105,14 +105,14 @@ def test_train_steps_then_eval_match_torch(shape, memory_format, comment):
 def test_routes_cover_fused_and_split():
     # The shapes above must exercise every route; a change in the heuristic must not hide one.
     routes = {_launch.route(_random_input(s, memory_format=f)) for s, f, _ in SHAPES}
-    assert routes == {"ncs-fused", "ncs-split", "rows-fused", "rows-split"}
+    assert routes == {"ncs-one-launch", "ncs-split", "rows-one-launch", "rows-split"}
 
 
 def test_long_reduction_splits_spatial_axis():
     # One sample, one long channel: the split must cut the spatial axis (split_s > 1).
     torch.manual_seed(1)
     shape = (1, 2, 512, 520)
-    split_n, split_s, _, _ = _launch._ncs_split(_layout.canonical_input(_random_input(shape))[1], torch.device(DEVICE))
+    split_n, split_s, _, _ = _launch._split(_layout.canonical_input(_random_input(shape))[1], torch.device(DEVICE))
     assert split_n == 1 and split_s > 4
     ref, ours = _pair(shape)
     _check_step(ref, ours, _random_input(shape), torch.float32)

@@ -66,8 +66,8 @@ def _assert_padding_intact(storages):
 
 # (shape, memory format, comment): every route.
 ROUTES = [
-    ((4, 6, 5, 7), torch.contiguous_format, "ncs-fused"),
-    ((4, 6, 5, 7), torch.channels_last, "rows-fused"),
+    ((4, 6, 5, 7), torch.contiguous_format, "ncs-one-launch"),
+    ((4, 6, 5, 7), torch.channels_last, "rows-one-launch"),
     ((2, 3, 150, 150), torch.contiguous_format, "ncs-split"),
     ((9, 4, 60, 70), torch.channels_last, "rows-split"),
 ]

@@ -47,6 +47,8 @@ def check_batch_norm_args(
     training: bool,
 ) -> None:
     """Raise for any argument torch's batch_norm would reject (and a few it would mishandle)."""
+    if _all_well_formed(input, running_mean, running_var, weight, bias, training):
+        return  # the usual case, checked cheaply; otherwise the checks below find the complaint
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
     if not input.is_floating_point():
@@ -76,6 +78,31 @@ def check_batch_norm_args(
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         verify_batch_size(input.shape)
+
+
+_SUPPORTED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def _all_well_formed(input, running_mean, running_var, weight, bias, training) -> bool:
+    """True when nothing below would raise: host cost matters, this runs on every call."""
+    dtype = input.dtype
+    if input.dim() < 2 or dtype not in _SUPPORTED_DTYPES:
+        return False
+    channels = input.shape[1]
+    device = input.device
+    half = dtype in _HALF_TYPES
+    for tensor in (running_mean, running_var, weight, bias):
+        if tensor is not None and (
+            tensor.numel() != channels
+            or tensor.device != device
+            or (tensor.dtype != dtype and not (half and tensor.dtype == torch.float32))
+        ):
+            return False
+    if training:
+        if (running_mean is None) != (running_var is None):
+            return False
+        return input.numel() != channels  # more than one value per channel (or none at all)
+    return running_mean is not None and running_var is not None
 
 
 def check_fusion_args(input: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> None:

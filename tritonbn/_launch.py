@@ -1,4 +1,19 @@
-"""Launchers: allocate outputs and statistics, pick the route and grid, call the kernels.
+"""Launchers: launch plans per call signature, and their straight-line replay.
+
+A call of ``forward`` or ``backward`` is described by its signature: the input's shape,
+strides, dtype and device, the parameters' presence and dtypes, the flags and the float
+arguments. The first call with a new signature builds a *plan*: the route, the splits and
+chunks, every kernel's scalar arguments and constexprs (kernels/configs.py decides them), and
+which inputs must be copied into a canonical layout. Later calls look the plan up in a dict,
+allocate the outputs and run its launches.
+
+Each launch of a plan (``_Launch``) goes through Triton's normal path the first time (the
+autotuner picks and caches a config, the kernel compiles), which hands back the compiled
+kernel and the full argument list; from then on the launch calls the compiled kernel
+directly, with the new tensors and the recorded scalars, and skips the autotuner, the
+heuristics, argument binding and specialisation. That replay is only used where it gives the
+same launch as Triton's path: same device, every tensor 16-byte aligned as when recorded (the
+plan key says so), no launch hooks (profilers), not in Triton's interpreter.
 
 Everything here is plain tensor bookkeeping: no value is read back from the device, so a
 training step stays CUDA-graph capturable. Sizes come from shapes, which the host knows.
@@ -14,15 +29,16 @@ import threading
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
-from ._layout import CanonicalView, canonical_input, like_layout
+from ._layout import CanonicalView, canonical_input, like_layout, same_layout
 from .kernels import backward as bwd_kernels
 from .kernels import configs as cfg
 from .kernels import forward as fwd_kernels
 from .kernels import running_stats as rs_kernels
 
 # Number of Triton kernel launches so far. Tests read it to prove that the kernels ran (and
-# not a silent fallback to torch's own batch norm).
+# not a silent fallback to torch's own batch norm); the host-cost report counts with it.
 launch_count = 0
 
 # When True, every buffer a kernel must write is filled with NaN first, so a test sees any
@@ -30,6 +46,7 @@ launch_count = 0
 poison_outputs = False
 
 _INT32_LIMIT = 2**31 - 1
+_ALIGNMENT = 16  # bytes: Triton specialises pointers on it (vectorised loads)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
@@ -48,14 +65,86 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 _interpreter_lock = threading.RLock() if cfg.INTERPRETER else contextlib.nullcontext()
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    global launch_count
+def _launch(kernel, grid, *args, **kwargs):
+    """Triton's own launch path (autotuner, heuristics, binding); returns what Triton returns
+    (the compiled kernel, when compiled). perf/static_checks.py records launches here."""
     # Triton launches on the *current* CUDA device and its stream: make that the tensors' one.
+    global launch_count
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with _interpreter_lock, on_device:
         launch_count += 1
-        kernel[grid](*args, **kwargs)
+        return kernel[grid](*args, **kwargs)
+
+
+class _Launch:
+    """One kernel launch of a plan: the kernel, its scalar arguments and constexprs, its grid.
+
+    Called with the tensor arguments (a kernel's pointer parameters come first in its
+    signature, the scalars after them). The first call takes Triton's path and records the
+    compiled kernel, the grid and the bound argument values; later calls replay them.
+    """
+
+    __slots__ = ("kernel", "grid", "scalars", "meta", "replayable", "compiled", "fixed", "grid3", "device",
+                 "on_device", "stream")
+
+    def __init__(self, kernel, grid, scalars: tuple, meta: dict, replayable: bool) -> None:
+        self.kernel = kernel
+        self.grid = grid  # a tuple, or a function of the bound arguments (tile sizes)
+        self.scalars = scalars
+        self.meta = meta
+        self.replayable = replayable and not cfg.INTERPRETER
+        self.compiled = None
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        global launch_count
+        compiled = self.compiled
+        if compiled is not None and not _ENTER_HOOKS.calls and not _EXIT_HOOKS.calls and self.on_device():
+            launch_count += 1
+            compiled.run(*self.grid3, self.stream(self.device), compiled.function, compiled.packed_metadata,
+                         None, None, None, *tensors, *self.fixed)
+            return
+        self._run_and_record(tensors)
+
+    def _run_and_record(self, tensors: tuple) -> None:
+        recorded = {}
+        grid = self.grid
+
+        def recording_grid(bound_args):
+            # Triton calls this with every argument bound, in signature order, config and
+            # heuristics values included; the last call is the launch itself.
+            recorded["args"] = bound_args
+            recorded["grid"] = grid(bound_args) if callable(grid) else grid
+            return recorded["grid"]
+
+        compiled = _launch(self.kernel, recording_grid, *tensors, *self.scalars, **self.meta)
+        if (self.replayable and "args" in recorded and hasattr(compiled, "packed_metadata")
+                and not _capturing_cuda_graph()):
+            # A graph capture runs the default config untuned: such a launch is not kept.
+            values = list(recorded["args"].values())
+            grid3 = tuple(recorded["grid"]) + (1,) * (3 - len(recorded["grid"]))
+            self.fixed = tuple(values[len(tensors):])
+            self.grid3 = grid3
+            driver = triton.runtime.driver.active
+            self.stream = driver.get_current_stream
+            if tensors[0].is_cuda:
+                # The compiled kernel was loaded on this device: replay only while it is current.
+                self.device = tensors[0].get_device()
+                self.on_device = lambda: torch._C._cuda_getDevice() == self.device
+            else:  # perf/mock_driver.py
+                self.device = driver.get_current_device()
+                self.on_device = lambda: True
+            self.compiled = compiled
+
+
+# Launch hooks (profilers such as proton add theirs to these chains): a replay calls none, so
+# it is only taken while both are empty. Triton 3.6 to 3.9 keep one chain object each.
+_ENTER_HOOKS = knobs.runtime.launch_enter_hook
+_EXIT_HOOKS = knobs.runtime.launch_exit_hook
+
+
+def _capturing_cuda_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _pair(value: float) -> tuple[float, float]:
@@ -84,37 +173,135 @@ def sm_count(device: torch.device) -> int:
     return cfg.DEFAULT_SM_COUNT
 
 
-def _ncs_split(view: CanonicalView, device: torch.device) -> tuple[int, int, int, int]:
-    split_n, split_s = cfg.ncs_split(view.n, view.c, view.s, sm_count(device))
-    n_chunk = triton.cdiv(view.n, split_n)
-    s_chunk = triton.cdiv(view.s, split_s)
-    if split_s > 1:
-        s_chunk = triton.cdiv(s_chunk, cfg.SPATIAL_SPLIT_QUANTUM) * cfg.SPATIAL_SPLIT_QUANTUM
-    return split_n, split_s, n_chunk, s_chunk
+def _aligned(x: torch.Tensor, *optional: torch.Tensor | None) -> bool:
+    """Every tensor's address is a multiple of 16 bytes (Triton specialises pointers on it)."""
+    bits = x.data_ptr()
+    for t in optional:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits % _ALIGNMENT == 0
 
 
-def _rows_split(view: CanonicalView, device: torch.device) -> tuple[int, int]:
+def _split(view: CanonicalView, device: torch.device) -> tuple[int, int, int, int]:
+    """(split_n, split_s, n_chunk, s_chunk) for NCS, (split_m, 1, m_chunk, 0) for rows."""
+    if view.kind == "ncs":
+        split_n, split_s = cfg.ncs_split(view.n, view.c, view.s, sm_count(device))
+        n_chunk = triton.cdiv(view.n, split_n)
+        s_chunk = triton.cdiv(view.s, split_s)
+        if split_s > 1:
+            s_chunk = triton.cdiv(s_chunk, cfg.SPATIAL_SPLIT_QUANTUM) * cfg.SPATIAL_SPLIT_QUANTUM
+        return split_n, split_s, n_chunk, s_chunk
     split_m = cfg.rows_split(view.m, view.c, sm_count(device))
-    return split_m, triton.cdiv(view.m, split_m)
+    return split_m, 1, triton.cdiv(view.m, split_m), 0
+
+
+def route(x: torch.Tensor) -> str:
+    """Which kernel route a training forward on x takes: 'ncs-one-launch', 'ncs-split',
+    'rows-one-launch' or 'rows-split' (for tests and the perf report)."""
+    _, view = canonical_input(x)
+    split_a, split_b, _, _ = _split(view, x.device)
+    return f"{view.kind}-{'one-launch' if split_a * split_b == 1 else 'split'}"
 
 
 def _common_meta(x: torch.Tensor, view: CanonicalView) -> dict:
     return {"ACC": _tl_acc(x.dtype), "INT64_INDEX": view.max_offset > _INT32_LIMIT}
 
 
-def route(x: torch.Tensor) -> str:
-    """Which kernel route a training forward on x takes: 'ncs-fused', 'ncs-split', 'rows-fused'
-    or 'rows-split' (for tests and the perf report)."""
-    _, view = canonical_input(x)
-    if view.kind == "ncs":
-        split_n, split_s, _, _ = _ncs_split(view, x.device)
-        return "ncs-fused" if split_n * split_s == 1 else "ncs-split"
-    return "rows-fused" if _rows_split(view, x.device)[0] == 1 else "rows-split"
+def _per_channel_grid(c: int) -> tuple[int]:
+    return (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),)
+
+
+def _ncs_tiles_grid(view: CanonicalView):
+    return lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
+
+
+def _rows_tiles_grid(view: CanonicalView):
+    return lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
+
+
+def _rows_blocks_grid(c: int, splits: int):
+    return lambda m: (triton.cdiv(c, m["BLOCK_C"]) * splits,)
 
 
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
+
+
+class _ForwardPlan:
+    """Everything a forward with one call signature launches, decided once."""
+
+    def __init__(self, x, view, dense_copy, residual_copy, training, update, cumulative, count, eps, momentum,
+                 slope, flags, replayable):
+        c = view.c
+        self.c = c
+        self.acc = accumulation_dtype(x.dtype)
+        self.dense_copy = dense_copy  # x is read through a dense copy (neither NCS nor rows)
+        self.residual_copy = residual_copy  # the residual is copied into x's layout
+        self.empty = view.m == 0 or c == 0
+        self.split = False
+        self.launches: list[_Launch] = []
+        self._scratch = None
+        if self.empty:
+            return
+        meta = {**_common_meta(x, view), **flags}
+        eps2, slope2, momentum2 = _pair(eps), _pair(slope), _pair(momentum)
+        bessel2 = _pair(count / max(count - 1, 1))
+        running = {"UPDATE_RUNNING": update, "CUMULATIVE": cumulative}
+        if not training:
+            self.launches.append(_normalize_launch(view, eps2, slope2, meta, True, replayable))
+            return
+        split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+        self.split = split_a * split_b > 1
+        if not self.split:
+            if view.kind == "ncs":
+                kernel, grid = fwd_kernels._bn_fwd_one_launch_ncs, (c,)
+                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
+                           view.n, view.s, cfg.tuning_bucket(view.s, view.n))
+            else:
+                kernel, grid = fwd_kernels._bn_fwd_one_launch_rows, _rows_blocks_grid(c, 1)
+                scalars = (view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
+            self.launches.append(_Launch(kernel, grid, scalars + eps2 + slope2 + momentum2 + bessel2,
+                                         {**meta, **running}, replayable))
+            return
+        self.splits = split_a * split_b
+        reduce_meta = _common_meta(x, view)
+        if view.kind == "ncs":
+            stats = _Launch(fwd_kernels._bn_fwd_stats_ncs, (c * self.splits,),
+                            (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
+                             cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b), reduce_meta, replayable)
+        else:
+            stats = _Launch(fwd_kernels._bn_fwd_stats_rows, _rows_blocks_grid(c, self.splits),
+                            (view.m, c, view.stride_m, chunk_a, self.splits, cfg.tuning_bucket(c, chunk_a)),
+                            reduce_meta, replayable)
+        combine = _Launch(fwd_kernels._bn_fwd_combine, _per_channel_grid(c),
+                          (c, self.splits) + eps2 + momentum2 + bessel2,
+                          {**running, "ACC": meta["ACC"], "BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
+        self.launches += [stats, combine, _normalize_launch(view, eps2, slope2, meta, False, replayable)]
+
+
+    def scratch(self, device: torch.device) -> torch.Tensor:
+        """[C] ACC values that kernels may write and nothing reads (the variance when not kept).
+
+        Shared by every call of the plan, on any stream: concurrent writes are harmless."""
+        if self._scratch is None:
+            self._scratch = torch.empty(self.c, dtype=self.acc, device=device)
+        return self._scratch
+
+
+def _normalize_launch(view, eps2, slope2, meta, from_running, replayable) -> _Launch:
+    if view.kind == "ncs":
+        kernel, grid = fwd_kernels._bn_fwd_normalize_ncs, _ncs_tiles_grid(view)
+        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c, view.s,
+                   cfg.tuning_bucket(view.s, view.n))
+    else:
+        kernel, grid = fwd_kernels._bn_fwd_normalize_rows, _rows_tiles_grid(view)
+        scalars = (view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m))
+    return _Launch(kernel, grid, scalars + eps2 + slope2, {**meta, "FROM_RUNNING": from_running}, replayable)
+
+
+_forward_plans: dict = {}
+_backward_plans: dict = {}
 
 
 def forward(
@@ -128,38 +315,122 @@ def forward(
     residual: torch.Tensor | None = None,
     activation: int = 0,
     slope: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    momentum: float | None = None,
+    num_batches_tracked: torch.Tensor | None = None,
+    keep_var: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """y = act(BN(x) + residual) and the per-channel (mean, rstd, biased var) used (ACC).
 
-    training: batch statistics; otherwise the running ones. activation is one of
-    kernels/activation.py's codes (0: none).
+    training: batch statistics, and the running ones updated in place when given (blend
+    factor ``momentum``, or 1 / ``num_batches_tracked`` read on the device when it is given);
+    otherwise the running statistics normalise. activation is one of kernels/activation.py's
+    codes (0: none). keep_var=False: the variance is not returned (None; the kernels write it
+    to a scratch buffer that nothing reads), which saves an allocation per call.
     """
-    x, view = canonical_input(x)
+    update = training and running_mean is not None
+    key = (x.shape, x.stride(), x.dtype, x.device, training, update, num_batches_tracked is not None,
+           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           None if running_mean is None else (running_mean.dtype, running_var.dtype,
+                                              running_mean.stride(), running_var.stride()),
+           None if residual is None else residual.stride(), activation, eps, slope, momentum,
+           _aligned(x, weight, bias, running_mean, running_var, residual, num_batches_tracked),
+           torch._C._get_deterministic_algorithms())
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = _forward_plans[key] = _build_forward_plan(key, x, weight, bias, running_mean, running_var, training,
+                                                        update, eps, residual, activation, slope, momentum,
+                                                        num_batches_tracked)
+    if plan.dense_copy:
+        x = x.contiguous()
     y = _empty_like(x)
-    mean, rstd, var = _stat_vectors(x, view.c)
-    if view.m == 0 or view.c == 0:
+    device = x.device
+    acc, c = plan.acc, plan.c
+    mean = _empty(c, acc, device)
+    rstd = _empty(c, acc, device)
+    var = _empty(c, acc, device) if keep_var or plan.empty else plan.scratch(device)
+    if plan.empty:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
         return y, mean.zero_(), rstd.zero_(), var.zero_()
-    w, b, flags = _affine(weight, bias, mean)
-    r = like_layout(residual, x) if residual is not None else y
-    meta = {**_common_meta(x, view), **flags, "HAS_RESIDUAL": residual is not None, "ACTIVATION": activation}
+    if residual is not None and plan.residual_copy:
+        residual = torch.empty_like(x).copy_(residual)
+    r = residual if residual is not None else y
+    # Stand-ins for absent optional tensors: never read (their HAS_* / UPDATE_* flag is off).
+    w = weight.contiguous() if weight is not None else mean
+    b = bias.contiguous() if bias is not None else mean
+    launches = plan.launches
     if not training:
-        _normalize(x, y, r, view, w, b, running_mean.contiguous(), running_var.contiguous(), mean,
-                   mean, rstd, var, eps, slope, from_running=True, meta=meta)
-    elif not _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta):
-        _split_stats(x, view, mean, rstd, var, eps)
-        _normalize(x, y, r, view, w, b, mean, var, rstd, mean, rstd, var, eps, slope, from_running=False, meta=meta)
-    return y, mean, rstd, var
+        launches[0](x, y, r, w, b, running_mean.contiguous(), running_var.contiguous(), mean, mean, rstd, var)
+        return y, mean, rstd, var if keep_var else None
+    if plan.update:
+        rm, rv = running_mean, running_var
+        nbt = num_batches_tracked if num_batches_tracked is not None else mean
+    else:
+        rm = rv = nbt = mean
+    if not plan.split:
+        launches[0](x, y, r, w, b, mean, rstd, var, rm, rv, nbt)
+    else:
+        splits = plan.splits
+        part_count = _empty((splits, c), acc, device)
+        part_mean = _empty((splits, c), acc, device)
+        part_m2 = _empty((splits, c), acc, device)
+        pivot = _empty(c, acc, device)
+        launches[0](x, part_count, part_mean, part_m2, pivot)
+        launches[1](part_count, part_mean, part_m2, pivot, mean, rstd, var, rm, rv, nbt)
+        launches[2](x, y, r, w, b, mean, mean, rstd, mean, rstd, mean)
+    if plan.separate_update:
+        update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
+                             0.0 if momentum is None else momentum, plan.count)
+    return y, mean, rstd, var if keep_var else None
+
+
+def _build_forward_plan(key, x, weight, bias, running_mean, running_var, training, update, eps, residual, activation,
+                        slope, momentum, num_batches_tracked) -> _ForwardPlan:
+    dense, view = canonical_input(x)
+    residual_copy = residual is not None and not same_layout(residual, dense)
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
+             "ACTIVATION": activation}
+    count = view.m
+    # Running buffers that are not contiguous are updated by the standalone kernel (which
+    # copies back); the folded update writes them in place through unit strides.
+    separate_update = update and not (running_mean.is_contiguous() and running_var.is_contiguous())
+    replayable = key[-2]  # every tensor aligned as it will be on every call with this key
+    plan = _ForwardPlan(dense, view, dense is not x, residual_copy, training, update and not separate_update,
+                        num_batches_tracked is not None, count, eps, 0.0 if momentum is None else momentum, slope,
+                        flags, replayable)
+    plan.update = update and not separate_update  # folded into the last kernel
+    plan.separate_update = separate_update
+    plan.count = count
+    return plan
 
 
 def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel (mean, rstd, biased var) of x, without normalising (SyncBatchNorm's local part)."""
     x, view = canonical_input(x)
-    mean, rstd, var = _stat_vectors(x, view.c)
-    if view.m == 0 or view.c == 0:
+    c = view.c
+    acc = accumulation_dtype(x.dtype)
+    mean, rstd, var = _empty((3, c), acc, x.device).unbind(0)
+    if view.m == 0 or c == 0:
         return mean.zero_(), rstd.zero_(), var.zero_()
-    _split_stats(x, view, mean, rstd, var, eps)
+    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+    splits = split_a * split_b
+    meta = _common_meta(x, view)
+    parts = _empty((3, splits, c), acc, x.device)
+    pivot = _empty(c, acc, x.device)
+    if view.kind == "ncs":
+        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], pivot,
+                view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b, cfg.tuning_bucket(chunk_b, chunk_a),
+                split_a, split_b, **meta)
+    else:
+        _launch(fwd_kernels._bn_fwd_stats_rows, _rows_blocks_grid(c, splits), x, parts[0], parts[1], parts[2], pivot,
+                view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), **meta)
+    _combine(parts[0], parts[1], parts[2], pivot, mean, rstd, var, c, splits, eps, meta["ACC"])
     return mean, rstd, var
+
+
+def _combine(counts, means, m2s, pivot, mean, rstd, var, c, parts, eps, acc) -> None:
+    _launch(fwd_kernels._bn_fwd_combine, _per_channel_grid(c), counts, means, m2s, pivot, mean, rstd, var,
+            mean, mean, mean, c, parts, *_pair(eps), 0.0, 0.0, 1.0, 0.0,
+            UPDATE_RUNNING=False, CUMULATIVE=False, ACC=acc, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
 
 
 def combine_stats(
@@ -167,11 +438,10 @@ def combine_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
     parts, c = means.shape
-    mean, rstd, var = _stat_vectors(means, c)
-    shift = torch.zeros(c, dtype=means.dtype, device=means.device)
-    _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            counts.contiguous(), means.contiguous(), m2s.contiguous(), shift, mean, rstd, var, c, parts, *_pair(eps),
-            ACC=_tl_acc(means.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    mean, rstd, var = _empty((3, c), means.dtype, means.device).unbind(0)
+    pivot = torch.zeros(c, dtype=means.dtype, device=means.device)
+    _combine(counts.contiguous(), means.contiguous(), m2s.contiguous(), pivot, mean, rstd, var, c, parts, eps,
+             _tl_acc(means.dtype))
     return mean, rstd, var
 
 
@@ -183,86 +453,87 @@ def normalize(
     y = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return y
-    w, b, flags = _affine(weight, bias, mean)
-    meta = {**_common_meta(x, view), **flags, "HAS_RESIDUAL": False, "ACTIVATION": 0}
-    _normalize(x, y, y, view, w, b, mean, mean, rstd, mean, rstd, mean, 0.0, 0.0, from_running=False, meta=meta)
+    meta = {**_common_meta(x, view), "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
+            "HAS_RESIDUAL": False, "ACTIVATION": 0}
+    w = weight.contiguous() if weight is not None else mean
+    b = bias.contiguous() if bias is not None else mean
+    _normalize_launch(view, (0.0, 0.0), (0.0, 0.0), meta, False, False)(x, y, y, w, b, mean, mean, rstd, mean, rstd,
+                                                                        mean)
     return y
-
-
-def _stat_vectors(like: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = accumulation_dtype(like.dtype)
-    return _empty(c, acc, like.device), _empty(c, acc, like.device), _empty(c, acc, like.device)
-
-
-def _affine(weight, bias, dummy):
-    """Contiguous weight and bias, a dummy pointer for an absent one, and the HAS_* flags."""
-    weight = weight.contiguous() if weight is not None else None
-    bias = bias.contiguous() if bias is not None else None
-    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None}
-    return (weight if weight is not None else dummy), (bias if bias is not None else dummy), flags
-
-
-def _fused_forward(x, y, r, view, w, b, mean, rstd, var, eps, slope, meta) -> bool:
-    """The one-launch route, when the split heuristic gives one program per channel block."""
-    c = view.c
-    if view.kind == "ncs":
-        split_n, split_s, _, _ = _ncs_split(view, x.device)
-        if split_n * split_s > 1:
-            return False
-        _launch(fwd_kernels._bn_fwd_fused_ncs, (c,), x, y, r, w, b, mean, rstd, var,
-                view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.n, view.s, cfg.tuning_bucket(view.s, view.n), *_pair(eps), *_pair(slope), **meta)
-        return True
-    if _rows_split(view, x.device)[0] > 1:
-        return False
-    grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-    _launch(fwd_kernels._bn_fwd_fused_rows, grid, x, y, r, w, b, mean, rstd, var,
-            view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), *_pair(eps), *_pair(slope),
-            **meta)
-    return True
-
-
-def _split_stats(x, view, mean, rstd, var, eps) -> None:
-    """Partial (count, mean, M2) from many programs per channel, then their ordered combine."""
-    c = view.c
-    acc = accumulation_dtype(x.dtype)
-    meta = _common_meta(x, view)
-    shift = _empty(c, acc, x.device)
-    if view.kind == "ncs":
-        split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
-        splits = split_n * split_s
-        parts = _empty((3, splits, c), acc, x.device)
-        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], shift,
-                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
-                split_n, split_s, **meta)
-    else:
-        splits, m_chunk = _rows_split(view, x.device)
-        parts = _empty((3, splits, c), acc, x.device)
-        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
-        _launch(fwd_kernels._bn_fwd_stats_rows, grid, x, parts[0], parts[1], parts[2], shift,
-                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), **meta)
-    _launch(fwd_kernels._bn_fwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            parts[0], parts[1], parts[2], shift, mean, rstd, var, c, splits, *_pair(eps),
-            ACC=meta["ACC"], BLOCK_C=cfg.PER_CHANNEL_BLOCK)
-
-
-def _normalize(x, y, r, view, w, b, stat_mean, stat_var, stat_rstd, mean, rstd, var, eps, slope, from_running, meta):
-    if view.kind == "ncs":
-        grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
-        _launch(fwd_kernels._bn_fwd_normalize_ncs, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
-                mean, rstd, var, view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                view.s, cfg.tuning_bucket(view.s, view.n), *_pair(eps), *_pair(slope), FROM_RUNNING=from_running,
-                **meta)
-    else:
-        grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
-        _launch(fwd_kernels._bn_fwd_normalize_rows, grid, x, y, r, w, b, stat_mean, stat_var, stat_rstd,
-                mean, rstd, var, view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m),
-                *_pair(eps), *_pair(slope), FROM_RUNNING=from_running, **meta)
 
 
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
+
+
+class _BackwardPlan:
+    """Everything a backward with one call signature launches, decided once.
+
+    Routes: dx only (eval without parameter gradients: one elementwise launch); one-launch
+    (sums and dx by one program per channel); split (partial sums, their ordered combine,
+    then dx). With an activation and a residual to differentiate, the split route's reduce
+    pass writes dz (the residual's gradient) and the dx pass reads x and dz: one tensor read
+    less than recomputing dz from dy and the output (or residual) a second time.
+    """
+
+    def __init__(self, x, view, dense_copy, dy_copy, residual_copy, training, param_grads, residual_grad,
+                 flags, slope, replayable):
+        c = view.c
+        self.c = c
+        self.acc = accumulation_dtype(x.dtype)
+        self.dense_copy, self.dy_copy, self.residual_copy = dense_copy, dy_copy, residual_copy
+        self.empty = view.m == 0 or c == 0
+        self.grads_size = c if (param_grads or training) else 0
+        self.residual_grad = residual_grad
+        self.route = "dx"
+        self.launches: list[_Launch] = []
+        if self.empty:
+            return
+        meta = {**_common_meta(x, view), **flags, "TRAINING": training, "WRITE_DR": residual_grad}
+        inv_count2, slope2 = _pair(1.0 / view.m), _pair(slope)
+        if not training and not param_grads:
+            self.launches.append(_dx_launch(view, inv_count2, slope2, {**meta, "DZ_STORED": False}, replayable))
+            return
+        split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+        if split_a * split_b == 1:
+            self.route = "one-launch"
+            if view.kind == "ncs":
+                kernel, grid = bwd_kernels._bn_bwd_one_launch_ncs, (c,)
+                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s,
+                           cfg.tuning_bucket(view.s, view.n))
+            else:
+                kernel, grid = bwd_kernels._bn_bwd_one_launch_rows, _rows_blocks_grid(c, 1)
+                scalars = (view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
+            self.launches.append(_Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable))
+            return
+        self.route = "split"
+        self.splits = splits = split_a * split_b
+        self.store_dz = residual_grad and flags["ACTIVATION"] != 0
+        reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR")}
+        reduce_meta["STORE_DZ"] = self.store_dz
+        if view.kind == "ncs":
+            reduce = _Launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,),
+                             (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
+                              cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b) + slope2, reduce_meta, replayable)
+        else:
+            reduce = _Launch(bwd_kernels._bn_bwd_reduce_rows, _rows_blocks_grid(c, splits),
+                             (view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a)) + slope2,
+                             reduce_meta, replayable)
+        combine = _Launch(bwd_kernels._bn_bwd_combine, _per_channel_grid(c), (c, splits),
+                          {"BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
+        dx_meta = {**meta, "DZ_STORED": self.store_dz, "WRITE_DR": residual_grad and not self.store_dz}
+        self.launches += [reduce, combine, _dx_launch(view, inv_count2, slope2, dx_meta, replayable)]
+
+
+def _dx_launch(view, inv_count2, slope2, meta, replayable) -> _Launch:
+    if view.kind == "ncs":
+        kernel, grid = bwd_kernels._bn_bwd_dx_ncs, _ncs_tiles_grid(view)
+        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n))
+    else:
+        kernel, grid = bwd_kernels._bn_bwd_dx_rows, _rows_tiles_grid(view)
+        scalars = (view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m))
+    return _Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable)
 
 
 def backward(
@@ -281,59 +552,98 @@ def backward(
     residual_grad: bool = False,
     residual_is_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dresidual); the last three are empty when not asked for.
+    """(dx, dweight, dbias, dresidual); dweight and dbias are empty when not asked for,
+    dresidual is None.
 
     bias and residual are needed only to recompute the pre-activation z when an activation
     is fused; with ``residual_is_output`` the ``residual`` argument is the forward's output,
     whose sign gives relu's and leaky_relu's mask.
     """
-    x, view = canonical_input(x)
-    dy = like_layout(dy, x)
+    key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, training, param_grads, param_dtype,
+           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           None if residual is None else (residual.stride(), residual.dtype), activation, slope, residual_grad,
+           residual_is_output, _aligned(dy, x, weight, bias, residual), torch._C._get_deterministic_algorithms())
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans[key] = _build_backward_plan(key, dy, x, weight, bias, training, param_grads, residual,
+                                                          activation, slope, residual_grad, residual_is_output)
+    if plan.dense_copy:
+        x = x.contiguous()
+    if plan.dy_copy:
+        dy = torch.empty_like(x).copy_(dy)
+    if residual is not None and plan.residual_copy:
+        residual = torch.empty_like(x).copy_(residual)
+    device = x.device
     dx = _empty_like(x)
-    c = view.c
-    size = c if (param_grads or training) else 0
-    dweight = _empty(size, param_dtype, x.device)
-    dbias = _empty(size, param_dtype, x.device)
-    dresidual = _empty_like(x) if residual_grad else _empty(0, x.dtype, x.device)
-    if view.m == 0 or c == 0:
+    dweight = _empty(plan.grads_size, param_dtype, device)
+    dbias = _empty(plan.grads_size, param_dtype, device)
+    dresidual = _empty_like(x) if residual_grad else None
+    if plan.empty:
         return dx, dweight.zero_(), dbias.zero_(), dresidual
-    w, b, flags = _affine(weight, bias, mean)
-    r = like_layout(residual, x) if residual is not None else dx
-    meta = {**_common_meta(x, view), **flags, "TRAINING": training, "ACTIVATION": activation,
-            "HAS_RESIDUAL": residual is not None, "R_IS_OUTPUT": residual_is_output, "WRITE_DR": residual_grad}
-    inv_count = 1.0 / view.m
+    w = weight.contiguous() if weight is not None else mean
+    b = bias.contiguous() if bias is not None else mean
+    r = residual if residual is not None else dx
     dr = dresidual if residual_grad else dx
-    if not training and not param_grads:
-        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, mean, rstd, inv_count, slope, {**meta, "DZ_STORED": False})
-    elif not _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, inv_count, slope, meta):
-        # With an activation and a residual to differentiate, the reduce pass writes dz (the
-        # residual's gradient) and the dx pass reads x and dz: one tensor read less than
-        # recomputing dz from dy and the output (or residual) a second time.
-        store_dz = residual_grad and activation != 0
-        sums = _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta, dr, store_dz)
-        _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sums[0], sums[1], inv_count, slope,
-            {**meta, "DZ_STORED": store_dz, "WRITE_DR": residual_grad and not store_dz})
+    launches = plan.launches
+    if plan.route == "dx":
+        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, mean, rstd)
+    elif plan.route == "one-launch":
+        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias)
+    else:
+        splits, c, acc = plan.splits, plan.c, plan.acc
+        part_dy = _empty((splits, c), acc, device)
+        part_dy_xhat = _empty((splits, c), acc, device)
+        sum_dy = _empty(c, acc, device)
+        sum_dy_xhat = _empty(c, acc, device)
+        dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz
+        launches[0](x, dy, r, dz, w, b, mean, rstd, part_dy, part_dy_xhat)
+        launches[1](part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, dweight, dbias)
+        launches[2](x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat)
     return dx, dweight, dbias, dresidual
 
 
-def _plain_backward_meta(x, view, weight, dummy):
-    """Weight pointer and meta of a backward without a fused epilogue (SyncBatchNorm's parts)."""
-    w, _, flags = _affine(weight, None, dummy)
-    meta = {**_common_meta(x, view), **flags, "TRAINING": True, "ACTIVATION": 0, "HAS_RESIDUAL": False,
-            "R_IS_OUTPUT": False, "WRITE_DR": False, "DZ_STORED": False}
-    return w, meta
+def _build_backward_plan(key, dy, x, weight, bias, training, param_grads, residual, activation, slope, residual_grad,
+                         residual_is_output) -> _BackwardPlan:
+    dense, view = canonical_input(x)
+    flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
+             "ACTIVATION": activation, "R_IS_OUTPUT": residual_is_output}
+    return _BackwardPlan(dense, view, dense is not x, not same_layout(dy, dense),
+                         residual is not None and not same_layout(residual, dense), training, param_grads,
+                         residual_grad, flags, slope, replayable=key[-2])
+
+
+def _plain_backward_meta(x, view, weight):
+    meta = {**_common_meta(x, view), "HAS_WEIGHT": weight is not None, "HAS_BIAS": False, "ACTIVATION": 0,
+            "HAS_RESIDUAL": False, "R_IS_OUTPUT": False}
+    return meta
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """[2, C]: per-channel sum(dy) and sum(dy * xhat) (SyncBatchNorm's local part)."""
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
+    c = view.c
     acc = accumulation_dtype(x.dtype)
-    if view.m == 0 or view.c == 0:
-        return torch.zeros((2, view.c), dtype=acc, device=x.device)
-    scratch = _empty((2, view.c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
-    w, meta = _plain_backward_meta(x, view, None, mean)
-    return _split_sums(x, dy, dy, view, w, mean, mean, rstd, scratch[0], scratch[1], 0.0, meta)
+    if view.m == 0 or c == 0:
+        return torch.zeros((2, c), dtype=acc, device=x.device)
+    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+    splits = split_a * split_b
+    meta = {**_plain_backward_meta(x, view, None), "STORE_DZ": False}
+    parts = _empty((2, splits, c), acc, x.device)
+    slope2 = (0.0, 0.0)
+    if view.kind == "ncs":
+        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, dy, dy, mean, mean, mean, rstd, parts[0],
+                parts[1], view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
+                cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b, *slope2, **meta)
+    else:
+        _launch(bwd_kernels._bn_bwd_reduce_rows, _rows_blocks_grid(c, splits), x, dy, dy, dy, mean, mean, mean, rstd,
+                parts[0], parts[1], view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), *slope2,
+                **meta)
+    sums = _empty((2, c), acc, x.device)
+    scratch = _empty((2, c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
+    _launch(bwd_kernels._bn_bwd_combine, _per_channel_grid(c), parts[0], parts[1], sums[0], sums[1], scratch[0],
+            scratch[1], c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    return sums
 
 
 def dx_from_sums(
@@ -351,71 +661,11 @@ def dx_from_sums(
     dx = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return dx
-    w, meta = _plain_backward_meta(x, view, weight, mean)
-    _dx(x, dy, dx, dx, dx, view, w, mean, mean, rstd, mean_dy.contiguous(), mean_dy_xhat.contiguous(), 1.0, 0.0,
-        meta)
+    meta = {**_plain_backward_meta(x, view, weight), "TRAINING": True, "WRITE_DR": False, "DZ_STORED": False}
+    w = weight.contiguous() if weight is not None else mean
+    _dx_launch(view, (1.0, 0.0), (0.0, 0.0), meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd,
+                                                         mean_dy.contiguous(), mean_dy_xhat.contiguous())
     return dx
-
-
-def _fused_backward(x, dy, dx, r, dr, view, w, b, mean, rstd, dweight, dbias, inv_count, slope, meta) -> bool:
-    c = view.c
-    if view.kind == "ncs":
-        split_n, split_s, _, _ = _ncs_split(view, x.device)
-        if split_n * split_s > 1:
-            return False
-        _launch(bwd_kernels._bn_bwd_fused_ncs, (c,), x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
-                view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s, cfg.tuning_bucket(view.s, view.n),
-                *_pair(inv_count), *_pair(slope), **meta)
-        return True
-    if _rows_split(view, x.device)[0] > 1:
-        return False
-    grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]),)
-    _launch(bwd_kernels._bn_bwd_fused_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias,
-            view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m), *_pair(inv_count), *_pair(slope), **meta)
-    return True
-
-
-def _split_sums(x, dy, r, view, w, b, mean, rstd, dweight, dbias, slope, meta, dz=None, store_dz=False):
-    """Partial sums from many programs per channel, added in order; returns [2, C] (ACC).
-
-    store_dz: the reduce kernels also write dz into ``dz``.
-    """
-    c = view.c
-    acc = accumulation_dtype(x.dtype)
-    reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR", "DZ_STORED")}
-    reduce_meta["STORE_DZ"] = store_dz
-    dz = dz if dz is not None else dy  # a pointer that is never written when not store_dz
-    if view.kind == "ncs":
-        split_n, split_s, n_chunk, s_chunk = _ncs_split(view, x.device)
-        splits = split_n * split_s
-        parts = _empty((2, splits, c), acc, x.device)
-        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, r, dz, w, b, mean, rstd, parts[0], parts[1],
-                view.n, c, view.s, view.stride_n, view.stride_c, n_chunk, s_chunk, cfg.tuning_bucket(s_chunk, n_chunk),
-                split_n, split_s, *_pair(slope),
-                **reduce_meta)
-    else:
-        splits, m_chunk = _rows_split(view, x.device)
-        parts = _empty((2, splits, c), acc, x.device)
-        grid = lambda meta_: (triton.cdiv(c, meta_["BLOCK_C"]) * splits,)
-        _launch(bwd_kernels._bn_bwd_reduce_rows, grid, x, dy, r, dz, w, b, mean, rstd, parts[0], parts[1],
-                view.m, c, view.stride_m, m_chunk, splits, cfg.tuning_bucket(c, m_chunk), *_pair(slope), **reduce_meta)
-    sums = _empty((2, c), acc, x.device)
-    _launch(bwd_kernels._bn_bwd_combine, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
-            parts[0], parts[1], sums[0], sums[1], dweight, dbias, c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
-    return sums
-
-
-def _dx(x, dy, dx, r, dr, view, w, b, mean, rstd, sum_dy, sum_dy_xhat, inv_count, slope, meta):
-    if view.kind == "ncs":
-        grid = lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
-        _launch(bwd_kernels._bn_bwd_dx_ncs, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
-                view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n),
-                *_pair(inv_count), *_pair(slope), **meta)
-    else:
-        grid = lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
-        _launch(bwd_kernels._bn_bwd_dx_rows, grid, x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat,
-                view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m), *_pair(inv_count), *_pair(slope),
-                **meta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,14 +685,16 @@ def update_running_stats(
 ) -> None:
     """In place: blend the batch statistics into the running ones (see the kernel's formula).
 
-    ``device_count`` ([C], on the device) replaces the host ``count`` when only the device
-    knows it (SyncBatchNorm).
+    The standalone kernel: a training forward folds the same update into its last kernel;
+    this serves torch.compile's separate op, SyncBatchNorm (``device_count``, [C] on the
+    device, replaces the host ``count`` when only the device knows it) and running buffers
+    that are not contiguous.
     """
     c = mean.numel()
     if c == 0 or (count == 0 and device_count is None):
         return
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
-    _launch(rs_kernels._bn_update_running_stats, (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),),
+    _launch(rs_kernels._bn_update_running_stats, _per_channel_grid(c),
             targets[0], targets[1], mean, var,
             num_batches_tracked if num_batches_tracked is not None else mean,
             device_count if device_count is not None else mean,
@@ -452,3 +704,4 @@ def update_running_stats(
     for target, original in zip(targets, (running_mean, running_var)):
         if target is not original:
             original.copy_(target)
+

@@ -69,8 +69,10 @@ def batch_norm_bwd(
     residual_grad: bool,
     residual_is_output: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch.backward(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
-                            residual, activation, slope, residual_grad, residual_is_output)
+    grads = _launch.backward(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
+                             residual, activation, slope, residual_grad, residual_is_output)
+    # The schema returns a Tensor: an empty one when no residual gradient is wanted.
+    return grads if residual_grad else (*grads[:3], input.new_empty(0))
 
 
 @batch_norm_bwd.register_fake
@@ -104,6 +106,12 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, _, _, training, eps, residual, activation, slope = inputs
     y, mean, rstd, _ = output
+    # The op's outputs, detached: on ctx directly they would hold the graph node that holds ctx.
+    _save_for_backward(ctx, input, weight, bias, residual, y, mean.detach(), rstd.detach(), training, eps, activation,
+                       slope)
+
+
+def _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, training, eps, activation, slope) -> None:
     # relu's act'(z) needs only z's sign, which its output has: torch's relu saves its output
     # too, so the same tensors stay alive and an in-place change of y fails backward in both.
     # Holding the residual instead could keep a tensor alive that torch frees (a downsample
@@ -111,7 +119,9 @@ def _setup_context(ctx, inputs, output) -> None:
     # place afterwards): z is recomputed here from x and the residual.
     ctx.mask_from_output = activation == ACTIVATIONS["relu"]
     kept = y if ctx.mask_from_output else (residual if activation else None)
-    ctx.save_for_backward(input, weight, bias, mean, rstd, kept)
+    ctx.save_for_backward(input, weight, bias, kept)
+    # Intermediates (neither inputs nor outputs of the op's graph node): kept on ctx directly.
+    ctx.stats = (mean, rstd)
     ctx.training = training
     ctx.eps = eps
     ctx.activation = activation
@@ -121,34 +131,64 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.param_dtype = param.dtype if param is not None else _launch.accumulation_dtype(input.dtype)
 
 
-def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
+def _grads(ctx, grad_output, launch_backward, residual_index: int) -> tuple:
+    """(grad input, grad weight, grad bias, grad residual), None where not wanted.
+
+    Inputs: input 0, weight 1, bias 2, the residual at residual_index.
+    """
     if torch.is_grad_enabled():
         # create_graph=True: a gradient of this gradient is wanted (gradient penalties, MAML).
-        return _differentiable_backward(ctx, grad_output)
-    input, weight, bias, mean, rstd, kept = ctx.saved_tensors
+        return _differentiable_backward(ctx, grad_output, residual_index)
+    input, weight, bias, kept = ctx.saved_tensors
+    mean, rstd = ctx.stats
     needs = ctx.needs_input_grad
-    needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[7]
+    needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[residual_index]
     if grad_output is None:
         grad_output = torch.zeros_like(input)
-    grad_input, grad_weight, grad_bias, grad_residual = torch.ops.tritonbn.batch_norm_bwd(
+    grad_residual_wanted = bool(needs_residual and ctx.has_residual)
+    grad_input, grad_weight, grad_bias, grad_residual = launch_backward(
         grad_output, input, weight, bias, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype,
-        kept, ctx.activation, ctx.slope, bool(needs_residual and ctx.has_residual), ctx.mask_from_output,
+        kept, ctx.activation, ctx.slope, grad_residual_wanted, ctx.mask_from_output,
     )
     return (
         grad_input if needs_input else None,
         grad_weight if needs_weight else None,
         grad_bias if needs_bias else None,
-        None,
-        None,
-        None,
-        None,
-        grad_residual if needs_residual and ctx.has_residual else None,
-        None,
-        None,
+        grad_residual if grad_residual_wanted else None,
     )
 
 
-def _differentiable_backward(ctx, grad_output):
+def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
+    grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, grad_output, torch.ops.tritonbn.batch_norm_bwd, 7)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, grad_residual, None, None
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """The eager path: the same launchers and kernels as the ops above, without the custom-op
+    dispatch (which costs more host time than the kernels take on the GPU for most layers).
+
+    ``apply(input, weight, bias, residual, spec)``, spec = (running_mean, running_var,
+    num_batches_tracked, training, eps, activation, slope, momentum): few arguments, because
+    Function.apply's own cost grows with them. Forward runs batch_norm_fwd's launcher with the
+    running-statistics update folded into its last kernel; only y is an output, so no graph
+    is built for the statistics. torch.compile takes the ops instead (functional.py decides).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, spec):
+        running_mean, running_var, num_batches_tracked, training, eps, activation, slope, momentum = spec
+        y, mean, rstd, _ = _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual,
+                                           activation, slope, momentum, num_batches_tracked, keep_var=False)
+        _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, training, eps, activation, slope)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, grad_output, _launch.backward, 3)
+        return grad_input, grad_weight, grad_bias, grad_residual, None
+
+
+def _differentiable_backward(ctx, grad_output, residual_index: int):
     """The backward as torch operations that autograd can differentiate again.
 
     The forward is recomputed with torch's own ops (batch statistics through
@@ -156,7 +196,8 @@ def _differentiable_backward(ctx, grad_output):
     constants), then differentiated with create_graph. Slower than the kernels; only taken
     when a second derivative is asked for.
     """
-    input, weight, bias, mean, rstd, kept = ctx.saved_tensors
+    input, weight, bias, kept = ctx.saved_tensors
+    mean, rstd = ctx.stats
     # The saved tensors themselves (not detached copies): the gradients returned must stay
     # connected to the original inputs for the second derivative to reach them.
     x, w, b = input, weight, bias
@@ -177,7 +218,7 @@ def _differentiable_backward(ctx, grad_output):
         if ctx.activation and not ctx.mask_from_output:
             residual = kept
         else:
-            residual = torch.zeros_like(input).requires_grad_(ctx.needs_input_grad[7])
+            residual = torch.zeros_like(input).requires_grad_(ctx.needs_input_grad[residual_index])
         z = z + residual
     if ctx.activation == ACTIVATIONS["relu"]:
         y = z * (kept.detach() > 0) if ctx.mask_from_output else F.relu(z)
@@ -188,12 +229,10 @@ def _differentiable_backward(ctx, grad_output):
     else:
         y = z
     needs = ctx.needs_input_grad
-    candidates = [(x, needs[0]), (w, needs[1]), (b, needs[2]), (residual, needs[7])]
+    candidates = [(x, needs[0]), (w, needs[1]), (b, needs[2]), (residual, needs[residual_index])]
     wanted = [t for t, needed in candidates if needed and t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True, allow_unused=True))
-    x_grad, w_grad, b_grad, r_grad = (next(grads) if needed and t is not None and t.requires_grad else None
-                                      for t, needed in candidates)
-    return x_grad, w_grad, b_grad, None, None, None, None, r_grad, None, None
+    return tuple(next(grads) if needed and t is not None and t.requires_grad else None for t, needed in candidates)
 
 
 batch_norm_fwd.register_autograd(_backward, setup_context=_setup_context)

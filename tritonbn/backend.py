@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kernels.configs import INTERPRETER
@@ -9,6 +11,11 @@ from .kernels.configs import INTERPRETER
 TRITON = "triton"
 TRITON_INTERPRETER = "triton-interpreter"
 TORCH_NATIVE = "torch-native"
+
+# perf/mock_driver.py: Triton compiles for a pretend GPU and launches nothing, so that the
+# host cost of the Triton path can be measured on a CPU-only machine. CPU tensors then take
+# the Triton path (their memory is never touched). Not for users.
+MOCK_DRIVER = os.environ.get("TRITONBN_MOCK_DRIVER", "0") == "1"
 
 
 def backend_for(tensor: torch.Tensor) -> str:
@@ -22,6 +29,6 @@ def backend_for(tensor: torch.Tensor) -> str:
     """
     if INTERPRETER:
         return TRITON_INTERPRETER
-    if tensor.device.type == "cuda":
+    if tensor.device.type == "cuda" or MOCK_DRIVER:
         return TRITON
     return TORCH_NATIVE

@@ -8,9 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (registers the torch.ops.tritonbn ops)
+from . import _launch
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
-from .backend import TORCH_NATIVE, backend_for
+from ._ops import BatchNormFunction  # importing _ops registers the torch.ops.tritonbn ops
+from .backend import MOCK_DRIVER
+from .kernels.configs import INTERPRETER
+
+# CPU tensors take the Triton path too (backend.backend_for says which implementation runs).
+_ALWAYS_TRITON = INTERPRETER or MOCK_DRIVER
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
@@ -83,7 +88,7 @@ def _batch_norm(
         check_fusion_args(input, residual, activation)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")
-    if backend_for(input) == TORCH_NATIVE:
+    if not (input.is_cuda or _ALWAYS_TRITON):
         if num_batches_tracked is not None:
             momentum = 1.0 / float(num_batches_tracked)  # CPU only: no device to synchronise
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
@@ -91,7 +96,24 @@ def _batch_norm(
 
     activation_code = ACTIVATIONS[activation]
     slope = float(negative_slope)
+    if torch.compiler.is_compiling():
+        return _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    num_batches_tracked, residual, activation_code, slope)
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad)
+    ):
+        return BatchNormFunction.apply(input, weight, bias, residual, (running_mean, running_var, num_batches_tracked,
+                                                                      training, eps, activation_code, slope, momentum))
+    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation_code,
+                           slope, momentum, num_batches_tracked, keep_var=False)[0]
 
+
+def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                         residual, activation_code, slope) -> Tensor:
+    """Under torch.compile: the torch.library ops, which the compiler traces (tritonbn/_ops.py)."""
     if training:
         output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(
             input, weight, bias, None, None, True, eps, residual, activation_code, slope

@@ -26,22 +26,30 @@ class _TritonBatchNormMixin:
 
     def _forward(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None,
                  negative_slope: float = 0.01) -> Tensor:
+        # Runs on every call of every BatchNorm layer: parameters and buffers are read from
+        # their dicts (nn.Module.__getattr__ is slow), each once.
         self._check_input_dim(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        buffers, parameters = self._buffers, self._parameters
+        training = self.training
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        weight, bias = parameters.get("weight"), parameters.get("bias")
+        bn_training = training or (running_mean is None and running_var is None)
         # Buffers are used when they exist and we are in eval, or when tracking in training.
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, bn_training)
-        check_fusion_args(input, residual, activation)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training)
+        if residual is not None or activation is not None:
+            check_fusion_args(input, residual, activation)
 
         num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches_tracked = self.num_batches_tracked
+        if training and self.track_running_stats:
+            counter = buffers.get("num_batches_tracked")
+            if counter is not None:
+                counter.add_(1)
+                if self.momentum is None:
+                    num_batches_tracked = counter
         return _batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            input, running_mean, running_var, weight, bias, bn_training,
             self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True,
             residual=residual, activation=activation, negative_slope=negative_slope,
         )

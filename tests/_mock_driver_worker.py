@@ -1,0 +1,114 @@
+"""Run in a subprocess by tests/test_launch_plans.py: tritonbn on perf/mock_driver.py.
+
+The test process interprets kernels (TRITON_INTERPRET=1), where nothing is compiled and so
+nothing is replayed. Here kernels compile for sm_90 and the launcher records its arguments
+instead of launching, so the test can hold every replayed launch against the launch Triton's
+own path makes for the same call: same kernel, grid, scalars, constexprs and metadata, and
+the call's own tensors in the same places. Call 0 of each case compiles and tunes, call 1
+takes Triton's launch path (a launch hook turns replay off), call 2 replays.
+
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITONBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritonbn-mock-tuning-")
+
+from perf import mock_driver  # noqa: E402
+
+launches = []
+
+
+class RecordingLauncher:
+    def __init__(self, src, metadata):
+        self.name = metadata.name
+
+    def __call__(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        launches.append((self.name, (grid_0, grid_1, grid_2), packed_metadata, args))
+
+
+driver = mock_driver.install()
+driver.launcher_cls = RecordingLauncher
+
+import torch  # noqa: E402
+from triton import knobs  # noqa: E402
+
+import tritonbn  # noqa: E402
+from tritonbn import _launch  # noqa: E402
+
+
+def _no_op_hook(metadata) -> None:
+    pass
+
+
+def _describe(value, names: dict) -> object:
+    """A tensor as the name of the role it plays in this call, anything else as itself."""
+    if isinstance(value, torch.Tensor):
+        for name, tensor in names.items():
+            if tensor is value:
+                return name
+        return f"tensor{tuple(value.shape)}"  # an allocation of the launcher's own
+    return repr(value)
+
+
+def _record(step, names: dict) -> list:
+    start = len(launches)
+    step()
+    return [(name, grid, repr(meta), [_describe(a, names) for a in args])
+            for name, grid, meta, args in launches[start:]]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    results = {}
+    cases = {
+        "one-launch": ((2, 8, 4, 4), None),
+        "one-launch-channels-last": ((2, 8, 4, 4), torch.channels_last),
+        "split": ((4, 4, 128, 128), None),
+        "split-channels-last": ((4, 4, 128, 128), torch.channels_last),
+    }
+    for case, (shape, memory_format) in cases.items():
+        for module_type in ("bn", "bn-add-relu"):
+            if module_type == "bn":
+                module = tritonbn.BatchNorm2d(shape[1])
+            else:
+                module = tritonbn.BatchNormAct2d(shape[1], activation="relu")
+            calls = []
+            # Call 0 compiles and tunes; call 1 takes Triton's own launch path (a launch hook is
+            # installed, which turns replay off); call 2 replays.
+            for call in range(3):
+                x = torch.randn(shape)
+                if memory_format is not None:
+                    x = x.contiguous(memory_format=memory_format)
+                x.requires_grad_(True)
+                residual = torch.randn_like(x) if module_type != "bn" else None
+                dy = torch.randn_like(x)
+                names = {"x": x, "dy": dy, "residual": residual, "weight": module.weight, "bias": module.bias,
+                         "running_mean": module.running_mean, "running_var": module.running_var}
+
+                def step():
+                    y = module(x) if residual is None else module(x, residual)
+                    names["y"] = y
+                    y.backward(dy)
+
+                before = _launch.launch_count
+                if call == 1:
+                    knobs.runtime.launch_enter_hook.add(_no_op_hook)
+                try:
+                    calls.append({"launches": _record(step, names), "counted": _launch.launch_count - before})
+                finally:
+                    knobs.runtime.launch_enter_hook.remove(_no_op_hook)
+            results[f"{case}/{module_type}"] = {"route": _launch.route(x), "calls": calls}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Launch plans and their replay (tritonbn/_launch.py), and the host-cost benchmark.
+
+Replay calls a compiled kernel directly, skipping Triton's launch path, so it must hand the
+kernel exactly what that path would. On a machine without a GPU the kernels here run in the
+interpreter, which compiles nothing: the replay is checked in a subprocess on
+perf/mock_driver.py (kernels compile for sm_90, the launcher records its arguments), where
+every replayed launch is compared with Triton's own launch for the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from conftest import DEVICE, random_bn_input, triton_ran
+
+import tritonbn
+from tritonbn import _launch
+from tritonbn.kernels import forward as fwd_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def mock_run() -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_mock_driver_worker.py")], capture_output=True,
+                          text=True, timeout=900, env=_clean_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CASES = [f"{shape}/{module}" for shape in ("one-launch", "one-launch-channels-last", "split", "split-channels-last")
+         for module in ("bn", "bn-add-relu")]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_replay_hands_the_kernel_what_triton_would(mock_run, case):
+    triton_path, replay = mock_run[case]["calls"][1:]
+    assert replay["launches"], "nothing launched"
+    assert replay["launches"] == triton_path["launches"]
+    # The call's own tensors reach the kernels (not stale ones from the call that recorded).
+    first_args = replay["launches"][0][3]
+    assert first_args[0] == "x"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_launches_per_training_step(mock_run, case):
+    """One forward and one backward launch on the one-launch route, three each on the split
+    route: the running statistics are updated inside the last forward kernel."""
+    run = mock_run[case]
+    expected = 2 if run["route"].endswith("one-launch") else 6
+    assert [call["counted"] for call in run["calls"]] == [expected] * 3
+    assert len(run["calls"][2]["launches"]) == expected
+    updating = [name for name, _, _, args in run["calls"][2]["launches"]
+                if "running_mean" in args and "running_var" in args]
+    # The one-launch kernel, or the split route's combine kernel, and nothing else.
+    layout = run["route"].split("-")[0]
+    assert updating == (["_bn_fwd_combine"] if run["route"].endswith("split") else [f"_bn_fwd_one_launch_{layout}"])
+
+
+def test_host_cost_benchmark_runs():
+    """The benchmark's structure on a few rounds (it asserts no time: times are for perf/)."""
+    proc = subprocess.run([sys.executable, "-m", "perf.host_cost", "--rounds", "1", "--steps", "1", "--json", "-"],
+                          capture_output=True, text=True, timeout=900, env=_clean_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "mock Triton driver" in out and "stubbed" in out
+    rows = json.loads(out.strip().splitlines()[-1])
+    names = {row["case"] for row in rows}
+    for expected in ("BatchNorm2d train one-launch contiguous", "BatchNorm2d eval split channels_last",
+                     "BN+add+ReLU train split contiguous", "SyncBatchNorm (no group) train one-launch contiguous"):
+        assert expected in names
+    for row in rows:
+        assert row["tritonbn_us"] > 0 and row["torch_us"] > 0
+        forward_budget, backward_budget = row["launch_target"]
+        assert row["launches_fwd"] <= forward_budget
+        assert row["launches_bwd"] is None or row["launches_bwd"] <= backward_budget
+    assert "| case |" in out
+
+
+def test_tuning_never_applies_the_running_update_twice(monkeypatch, tmp_path):
+    """A one-launch kernel that updates the running statistics is tuned on its variant without
+    the update: with two configs and a benchmark that runs each, the buffers move once."""
+    monkeypatch.setenv("TRITONBN_CACHE_DIR", str(tmp_path))
+    tuner = fwd_kernels._bn_fwd_one_launch_ncs
+    runs = []
+
+    def bench(kernel_call, quantiles=None, **kwargs):
+        kernel_call()
+        runs.append(1)
+        return [float(len(runs))] * 3
+
+    base = tuner.configs[0]
+    monkeypatch.setattr(tuner, "configs", [base, triton.Config(dict(base.kwargs), num_warps=8)])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "use_disk", False)  # the interpreter's kernels have no compiled identity
+    monkeypatch.setitem(tuner.__dict__, "do_bench", bench)  # a cached_property: no getattr first
+    monkeypatch.setattr(_launch, "_forward_plans", {})
+    shape = (3, 5, 6, 7)
+    assert _launch.route(random_bn_input(shape)) == "ncs-one-launch"
+    ours = tritonbn.BatchNorm2d(5).to(DEVICE)
+    ref = torch.nn.BatchNorm2d(5).to(DEVICE)
+    x = random_bn_input(shape)
+    with triton_ran():
+        ours(x)
+    ref(x)
+    assert len(runs) == 2, "both configs should have been benchmarked"
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    ours(x)  # tuned now: one launch with the update
+    ref(x)
+    assert len(runs) == 2
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
