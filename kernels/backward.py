@@ -23,10 +23,6 @@ import triton.language as tl
 
 from .activation import activation_grad
 from .common import (
-    NCS_HEURISTICS,
-    NCS_REDUCE_HEURISTICS,
-    ROWS_HEURISTICS,
-    ROWS_REDUCE_HEURISTICS,
     exact_scalar,
     ncs_program_chunk,
     ncs_tile_offsets,
@@ -34,7 +30,7 @@ from .common import (
     tile_total,
     tree_sum,
 )
-from .configs import autotune
+from .configs import NCS_HEURISTICS, NCS_REDUCE_HEURISTICS, ROWS_HEURISTICS, ROWS_REDUCE_HEURISTICS, autotune
 
 
 @triton.jit

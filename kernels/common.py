@@ -27,8 +27,6 @@ fixed loop order, and finish with tree_sum, whose every step adds exactly two gi
 import triton
 import triton.language as tl
 
-from .configs import ncs_reduce_tile, rows_reduce_block_m
-
 
 @triton.jit
 def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
@@ -122,40 +120,3 @@ def rows_tile_offsets(c, c_mask, m0, m_end, stride_m, INT64_INDEX: tl.constexpr,
     if INT64_INDEX:
         m = m.to(tl.int64)
     return m[:, None] * stride_m + c[None, :], (m < m_end)[:, None] & c_mask[None, :]
-
-
-def ncs_tile_shape(args: dict) -> dict:
-    """[BLOCK_N, BLOCK_S] for a TILE of one channel: as wide along spatial as the chunk allows."""
-    block_s = min(triton.next_power_of_2(args["s_chunk"]), args["TILE"])
-    return {"BLOCK_S": block_s, "BLOCK_N": args["TILE"] // block_s}
-
-
-def rows_tile_shape(args: dict) -> dict:
-    """[BLOCK_M, BLOCK_C] for a TILE of channels-last rows: as many channels as allowed."""
-    block_c = min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
-    return {"BLOCK_C": block_c, "BLOCK_M": max(args["TILE"] // block_c, 1)}
-
-
-def rows_reduce_block_c(args: dict) -> int:
-    return min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
-
-
-NCS_REDUCE_HEURISTICS = {
-    "TILE": ncs_reduce_tile,
-    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
-    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
-}
-# BLOCK_C (tuned through MAX_BLOCK_C) groups independent channels; BLOCK_M, the lanes along
-# a channel, is the shape's alone.
-ROWS_REDUCE_HEURISTICS = {
-    "BLOCK_M": rows_reduce_block_m,
-    "BLOCK_C": rows_reduce_block_c,
-}
-NCS_HEURISTICS = {
-    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
-    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
-}
-ROWS_HEURISTICS = {
-    "BLOCK_M": lambda args: rows_tile_shape(args)["BLOCK_M"],
-    "BLOCK_C": lambda args: rows_tile_shape(args)["BLOCK_C"],
-}

@@ -1,6 +1,7 @@
 """Every launch configuration and launch heuristic of tritonbn's kernels, in one place.
 
-Three kinds of choices live here:
+Every launch decision lives here: the autotuned configs, the route (how many programs share a
+channel's reduction), tile shapes, grids and chunks. Three kinds of choices:
 
 * autotuned configs (tile size, warps): benchmarked per shape bucket by ``triton.autotune``;
   the first config of each list is the default, used when tuning is off and in Triton's
@@ -9,8 +10,9 @@ Three kinds of choices live here:
 * heuristics that decide the shape of work (how many programs share one channel's reduction).
   They are not tuned because they fix the size of the partial-statistics buffers, which are
   allocated before the launch.
-* the lanes of a reduction tile (``ncs_reduce_tile``, ``rows_reduce_block_m``): a heuristic of
-  the shape, never tuned, because they fix the order of the additions (kernels/common.py).
+* tile shapes (``*_HEURISTICS``, applied by ``triton.heuristics`` after the config) and the
+  lanes of a reduction tile (``ncs_reduce_tile``, ``rows_reduce_block_m``): heuristics of
+  the shape; the lanes are never tuned, because they fix the order of the additions (kernels/common.py).
   Reduction configs only choose warps, and for channels-last the channels per program, which
   never change a channel's arithmetic: a reduction gives the same bits under every config.
 
@@ -178,6 +180,47 @@ def rows_reduce_block_m(args: dict) -> int:
     return max(min(rows, triton.next_power_of_2(args["m_chunk"])), 1)
 
 
+# Tile shapes, as triton.heuristics of the kernels (applied after the config is chosen).
+
+
+def ncs_tile_shape(args: dict) -> dict:
+    """[BLOCK_N, BLOCK_S] for a TILE of one channel: as wide along spatial as the chunk allows."""
+    block_s = min(triton.next_power_of_2(args["s_chunk"]), args["TILE"])
+    return {"BLOCK_S": block_s, "BLOCK_N": args["TILE"] // block_s}
+
+
+def rows_tile_shape(args: dict) -> dict:
+    """[BLOCK_M, BLOCK_C] for a TILE of channels-last rows: as many channels as allowed."""
+    block_c = min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
+    return {"BLOCK_C": block_c, "BLOCK_M": max(args["TILE"] // block_c, 1)}
+
+
+def rows_reduce_block_c(args: dict) -> int:
+    """Channels of a channels-last reduction tile: the config's MAX_BLOCK_C, or C."""
+    return min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
+
+
+NCS_REDUCE_HEURISTICS = {
+    "TILE": ncs_reduce_tile,
+    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
+    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
+}
+# BLOCK_C (tuned through MAX_BLOCK_C) groups independent channels; BLOCK_M, the lanes along
+# a channel, is the shape's alone.
+ROWS_REDUCE_HEURISTICS = {
+    "BLOCK_M": rows_reduce_block_m,
+    "BLOCK_C": rows_reduce_block_c,
+}
+NCS_HEURISTICS = {
+    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
+    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
+}
+ROWS_HEURISTICS = {
+    "BLOCK_M": lambda args: rows_tile_shape(args)["BLOCK_M"],
+    "BLOCK_C": lambda args: rows_tile_shape(args)["BLOCK_C"],
+}
+
+
 def autotune(kind: str, key: list[str], in_place_flag: str | None = None):
     """``triton.autotune`` over a family's configs, with tuned results cached on disk.
 
@@ -248,3 +291,44 @@ def rows_split(m: int, c: int, sm_count: int) -> int:
     split = min(triton.cdiv(target, channel_blocks), per_block // MIN_ELEMENTS_PER_PROGRAM)
     split = min(split, m)
     return triton.cdiv(m, triton.cdiv(m, split))  # no empty chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# grids and chunks: what the launchers (tritonbn/_launch.py) ask for, from the shape alone
+# ----------------------------------------------------------------------------------------------
+
+
+def per_channel_grid(c: int) -> tuple[int]:
+    """Per-channel vector kernels (combines, the running-statistics update)."""
+    return (triton.cdiv(c, PER_CHANNEL_BLOCK),)
+
+
+def ncs_tiles_grid(n: int, c: int, s: int):
+    """Elementwise NCS kernels: one program per [BLOCK_N, BLOCK_S] tile of each channel."""
+    return lambda meta: (c * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(s, meta["BLOCK_S"]),)
+
+
+def rows_tiles_grid(m: int, c: int):
+    """Elementwise channels-last kernels: one program per [BLOCK_M, BLOCK_C] tile."""
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(c, meta["BLOCK_C"]),)
+
+
+def rows_blocks_grid(c: int, splits: int):
+    """Channels-last reductions: ``splits`` programs per block of BLOCK_C channels."""
+    return lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) * splits,)
+
+
+def ncs_chunks(n: int, c: int, s: int, sm_count: int) -> tuple[int, int, int, int]:
+    """(split_n, split_s, n_chunk, s_chunk): ncs_split's programs and each one's chunk."""
+    split_n, split_s = ncs_split(n, c, s, sm_count)
+    n_chunk = triton.cdiv(n, split_n)
+    s_chunk = triton.cdiv(s, split_s)
+    if split_s > 1:
+        s_chunk = triton.cdiv(s_chunk, SPATIAL_SPLIT_QUANTUM) * SPATIAL_SPLIT_QUANTUM
+    return split_n, split_s, n_chunk, s_chunk
+
+
+def rows_chunks(m: int, c: int, sm_count: int) -> tuple[int, int]:
+    """(split_m, m_chunk): rows_split's programs per channel block and each one's rows."""
+    split_m = rows_split(m, c, sm_count)
+    return split_m, triton.cdiv(m, split_m)

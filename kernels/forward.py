@@ -36,10 +36,6 @@ import triton.language as tl
 
 from .activation import activate
 from .common import (
-    NCS_HEURISTICS,
-    NCS_REDUCE_HEURISTICS,
-    ROWS_HEURISTICS,
-    ROWS_REDUCE_HEURISTICS,
     chan_combine,
     exact_scalar,
     ncs_program_chunk,
@@ -50,7 +46,14 @@ from .common import (
     tile_total,
     tree_sum,
 )
-from .configs import PER_CHANNEL_BLOCK, autotune
+from .configs import (
+    NCS_HEURISTICS,
+    NCS_REDUCE_HEURISTICS,
+    PER_CHANNEL_BLOCK,
+    ROWS_HEURISTICS,
+    ROWS_REDUCE_HEURISTICS,
+    autotune,
+)
 from .running_stats import blend_running_stats
 
 # ----------------------------------------------------------------------------------------------

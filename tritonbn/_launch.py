@@ -185,14 +185,9 @@ def _aligned(x: torch.Tensor, *optional: torch.Tensor | None) -> bool:
 def _split(view: CanonicalView, device: torch.device) -> tuple[int, int, int, int]:
     """(split_n, split_s, n_chunk, s_chunk) for NCS, (split_m, 1, m_chunk, 0) for rows."""
     if view.kind == "ncs":
-        split_n, split_s = cfg.ncs_split(view.n, view.c, view.s, sm_count(device))
-        n_chunk = triton.cdiv(view.n, split_n)
-        s_chunk = triton.cdiv(view.s, split_s)
-        if split_s > 1:
-            s_chunk = triton.cdiv(s_chunk, cfg.SPATIAL_SPLIT_QUANTUM) * cfg.SPATIAL_SPLIT_QUANTUM
-        return split_n, split_s, n_chunk, s_chunk
-    split_m = cfg.rows_split(view.m, view.c, sm_count(device))
-    return split_m, 1, triton.cdiv(view.m, split_m), 0
+        return cfg.ncs_chunks(view.n, view.c, view.s, sm_count(device))
+    split_m, m_chunk = cfg.rows_chunks(view.m, view.c, sm_count(device))
+    return split_m, 1, m_chunk, 0
 
 
 def route(x: torch.Tensor) -> str:
@@ -205,22 +200,6 @@ def route(x: torch.Tensor) -> str:
 
 def _common_meta(x: torch.Tensor, view: CanonicalView) -> dict:
     return {"ACC": _tl_acc(x.dtype), "INT64_INDEX": view.max_offset > _INT32_LIMIT}
-
-
-def _per_channel_grid(c: int) -> tuple[int]:
-    return (triton.cdiv(c, cfg.PER_CHANNEL_BLOCK),)
-
-
-def _ncs_tiles_grid(view: CanonicalView):
-    return lambda m: (view.c * triton.cdiv(view.n, m["BLOCK_N"]) * triton.cdiv(view.s, m["BLOCK_S"]),)
-
-
-def _rows_tiles_grid(view: CanonicalView):
-    return lambda m: (triton.cdiv(view.m, m["BLOCK_M"]) * triton.cdiv(view.c, m["BLOCK_C"]),)
-
-
-def _rows_blocks_grid(c: int, splits: int):
-    return lambda m: (triton.cdiv(c, m["BLOCK_C"]) * splits,)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +238,7 @@ class _ForwardPlan:
                 scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
                            view.n, view.s, cfg.tuning_bucket(view.s, view.n))
             else:
-                kernel, grid = fwd_kernels._bn_fwd_one_launch_rows, _rows_blocks_grid(c, 1)
+                kernel, grid = fwd_kernels._bn_fwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
                 scalars = (view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
             self.launches.append(_Launch(kernel, grid, scalars + eps2 + slope2 + momentum2 + bessel2,
                                          {**meta, **running}, replayable))
@@ -271,10 +250,10 @@ class _ForwardPlan:
                             (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
                              cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b), reduce_meta, replayable)
         else:
-            stats = _Launch(fwd_kernels._bn_fwd_stats_rows, _rows_blocks_grid(c, self.splits),
+            stats = _Launch(fwd_kernels._bn_fwd_stats_rows, cfg.rows_blocks_grid(c, self.splits),
                             (view.m, c, view.stride_m, chunk_a, self.splits, cfg.tuning_bucket(c, chunk_a)),
                             reduce_meta, replayable)
-        combine = _Launch(fwd_kernels._bn_fwd_combine, _per_channel_grid(c),
+        combine = _Launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(c),
                           (c, self.splits) + eps2 + momentum2 + bessel2,
                           {**running, "ACC": meta["ACC"], "BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
         self.launches += [stats, combine, _normalize_launch(view, eps2, slope2, meta, False, replayable)]
@@ -291,11 +270,11 @@ class _ForwardPlan:
 
 def _normalize_launch(view, eps2, slope2, meta, from_running, replayable) -> _Launch:
     if view.kind == "ncs":
-        kernel, grid = fwd_kernels._bn_fwd_normalize_ncs, _ncs_tiles_grid(view)
+        kernel, grid = fwd_kernels._bn_fwd_normalize_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
         scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c, view.s,
                    cfg.tuning_bucket(view.s, view.n))
     else:
-        kernel, grid = fwd_kernels._bn_fwd_normalize_rows, _rows_tiles_grid(view)
+        kernel, grid = fwd_kernels._bn_fwd_normalize_rows, cfg.rows_tiles_grid(view.m, view.c)
         scalars = (view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m))
     return _Launch(kernel, grid, scalars + eps2 + slope2, {**meta, "FROM_RUNNING": from_running}, replayable)
 
@@ -421,14 +400,14 @@ def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
                 view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b, cfg.tuning_bucket(chunk_b, chunk_a),
                 split_a, split_b, **meta)
     else:
-        _launch(fwd_kernels._bn_fwd_stats_rows, _rows_blocks_grid(c, splits), x, parts[0], parts[1], parts[2], pivot,
+        _launch(fwd_kernels._bn_fwd_stats_rows, cfg.rows_blocks_grid(c, splits), x, parts[0], parts[1], parts[2], pivot,
                 view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), **meta)
     _combine(parts[0], parts[1], parts[2], pivot, mean, rstd, var, c, splits, eps, meta["ACC"])
     return mean, rstd, var
 
 
 def _combine(counts, means, m2s, pivot, mean, rstd, var, c, parts, eps, acc) -> None:
-    _launch(fwd_kernels._bn_fwd_combine, _per_channel_grid(c), counts, means, m2s, pivot, mean, rstd, var,
+    _launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(c), counts, means, m2s, pivot, mean, rstd, var,
             mean, mean, mean, c, parts, *_pair(eps), 0.0, 0.0, 1.0, 0.0,
             UPDATE_RUNNING=False, CUMULATIVE=False, ACC=acc, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
 
@@ -503,7 +482,7 @@ class _BackwardPlan:
                 scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s,
                            cfg.tuning_bucket(view.s, view.n))
             else:
-                kernel, grid = bwd_kernels._bn_bwd_one_launch_rows, _rows_blocks_grid(c, 1)
+                kernel, grid = bwd_kernels._bn_bwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
                 scalars = (view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
             self.launches.append(_Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable))
             return
@@ -517,10 +496,10 @@ class _BackwardPlan:
                              (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
                               cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b) + slope2, reduce_meta, replayable)
         else:
-            reduce = _Launch(bwd_kernels._bn_bwd_reduce_rows, _rows_blocks_grid(c, splits),
+            reduce = _Launch(bwd_kernels._bn_bwd_reduce_rows, cfg.rows_blocks_grid(c, splits),
                              (view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a)) + slope2,
                              reduce_meta, replayable)
-        combine = _Launch(bwd_kernels._bn_bwd_combine, _per_channel_grid(c), (c, splits),
+        combine = _Launch(bwd_kernels._bn_bwd_combine, cfg.per_channel_grid(c), (c, splits),
                           {"BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
         dx_meta = {**meta, "DZ_STORED": self.store_dz, "WRITE_DR": residual_grad and not self.store_dz}
         self.launches += [reduce, combine, _dx_launch(view, inv_count2, slope2, dx_meta, replayable)]
@@ -528,10 +507,10 @@ class _BackwardPlan:
 
 def _dx_launch(view, inv_count2, slope2, meta, replayable) -> _Launch:
     if view.kind == "ncs":
-        kernel, grid = bwd_kernels._bn_bwd_dx_ncs, _ncs_tiles_grid(view)
+        kernel, grid = bwd_kernels._bn_bwd_dx_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
         scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n))
     else:
-        kernel, grid = bwd_kernels._bn_bwd_dx_rows, _rows_tiles_grid(view)
+        kernel, grid = bwd_kernels._bn_bwd_dx_rows, cfg.rows_tiles_grid(view.m, view.c)
         scalars = (view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m))
     return _Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable)
 
@@ -636,12 +615,12 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
                 parts[1], view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
                 cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b, *slope2, **meta)
     else:
-        _launch(bwd_kernels._bn_bwd_reduce_rows, _rows_blocks_grid(c, splits), x, dy, dy, dy, mean, mean, mean, rstd,
+        _launch(bwd_kernels._bn_bwd_reduce_rows, cfg.rows_blocks_grid(c, splits), x, dy, dy, dy, mean, mean, mean, rstd,
                 parts[0], parts[1], view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), *slope2,
                 **meta)
     sums = _empty((2, c), acc, x.device)
     scratch = _empty((2, c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
-    _launch(bwd_kernels._bn_bwd_combine, _per_channel_grid(c), parts[0], parts[1], sums[0], sums[1], scratch[0],
+    _launch(bwd_kernels._bn_bwd_combine, cfg.per_channel_grid(c), parts[0], parts[1], sums[0], sums[1], scratch[0],
             scratch[1], c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
     return sums
 
@@ -694,7 +673,7 @@ def update_running_stats(
     if c == 0 or (count == 0 and device_count is None):
         return
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
-    _launch(rs_kernels._bn_update_running_stats, _per_channel_grid(c),
+    _launch(rs_kernels._bn_update_running_stats, cfg.per_channel_grid(c),
             targets[0], targets[1], mean, var,
             num_batches_tracked if num_batches_tracked is not None else mean,
             device_count if device_count is not None else mean,
