@@ -105,7 +105,8 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, _, _, training, eps, residual, activation, slope = inputs
-    y, mean, rstd, _ = output
+    y, mean, rstd, var = output
+    ctx.mark_non_differentiable(mean, rstd, var)  # statistics: nothing differentiates them
     # The op's outputs, detached: on ctx directly they would hold the graph node that holds ctx.
     _save_for_backward(ctx, input, weight, bias, residual, y, mean.detach(), rstd.detach(), training, eps, activation,
                        slope)
