@@ -696,8 +696,8 @@ def run(time_budget_s: float, out_csv: Path | None, batches: Sequence[int] = BAT
     if not cases:
         say("model-level benchmark: nothing to run")
         return []
-    say(f"model-level benchmark: {model} training step on {env['device']}, {len(cases)} case(s), "
-        f"budget {time_budget_s:.0f} s")
+    budget_text = "no time limit" if math.isinf(time_budget_s) else f"budget {max(time_budget_s, 0.0):.0f} s"
+    say(f"model-level benchmark: {model} training step on {env['device']}, {len(cases)} case(s), {budget_text}")
 
     rows: list[dict] = []
     skipped: list[str] = []
@@ -725,7 +725,7 @@ def run(time_budget_s: float, out_csv: Path | None, batches: Sequence[int] = BAT
         say(f"[{time.monotonic() - start:6.1f}s] {case.name}: {row['ms_p50'] or '-'} ms/step, "
             f"{row['images_per_s'] or '-'} images/s, check {row['check']} ({time.monotonic() - case_start:.1f} s)")
     if skipped:
-        say(f"model-level benchmark: time budget of {time_budget_s:.0f} s spent: {len(skipped)} case(s) not run "
+        say(f"model-level benchmark: time budget ({budget_text}) spent: {len(skipped)} case(s) not run "
             f"(python -m perf.model_step --resume adds them): {', '.join(skipped)}")
     return rows
 
@@ -763,7 +763,7 @@ def report_section(env, args: argparse.Namespace, elapsed_s: float, out_dir: Pat
         if row["check"] not in ("ok", "reference"):
             issues.append(f"model step {row['shape_name']} {row['dtype']} {row['layout']} {row['provider']} "
                           f"{row['mode']}: {row['check']}")
-    table = saved_section(out_dir, env.device_name) or ([summary_table(rows)] if rows else [])
+    table = saved_section(out_dir, env.device_name) or (["", summary_table(rows)] if rows else [])
     return ["", *notes, *table]
 
 
@@ -773,7 +773,7 @@ def saved_section(out_dir: Path, device_name: str | None = None) -> list[str]:
     if not path.exists():
         return []
     rows = [r for r in read_rows(path) if device_name is None or r["device"] == device_name]
-    return [summary_table(rows)] if rows else []
+    return ["", summary_table(rows)] if rows else []
 
 
 def default_csv() -> Path:

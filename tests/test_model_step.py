@@ -63,6 +63,14 @@ def test_report_hook_on_cpu_says_skipped(capsys, tmp_path):
     assert issues == []
 
 
+def test_report_hook_off_says_so(tmp_path):
+    env = argparse.Namespace(cuda=True)
+    args = argparse.Namespace(model_step=False, time_budget=0.0, resume=False)
+    lines = model_step.report_section(env, args, 0.0, tmp_path, [])
+    assert any("not run (--no-model-step" in line for line in lines)
+    assert not (tmp_path / "model_step.csv").exists()
+
+
 def test_plan_order_and_variants():
     cases = model_step.plan()
     # 2 batches x 2 precisions x (3 models x 2 modes + 2 graphs).
@@ -132,3 +140,21 @@ def test_summary_table_structure():
     assert cells[1][4] == "5.00" and cells[1][10] == "MISMATCH: loss"
     assert all(c[9] != "-" for c in cells if c[2] == "torch.compile")
     assert model_step.summary_table([]) == "model-level benchmark: no rows"
+
+
+def test_budget_spent_skips_every_case(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(model_step, "torchvision_missing", lambda: None)  # no model is built here
+    assert model_step.run(0.0, tmp_path / "rows.csv", device="cpu", batches=(32,)) == []
+    out = capsys.readouterr().out
+    assert "CUDA-graph cases need CUDA, not run" in out  # the debug device has no graphs
+    assert "spent: 12 case(s) not run" in out  # 16 at batch 32, less the 4 graphs
+    assert not (tmp_path / "rows.csv").exists()
+
+
+def test_resume_skips_cases_in_the_csv(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(model_step, "torchvision_missing", lambda: None)
+    path = tmp_path / "model_step.csv"
+    model_step.write_rows(path, [r for r in fabricated_rows() if r["mode"] != "cuda-graph"])
+    assert model_step.run(1e6, path, device="cpu", batches=(32,), env=ENV, resume=True) == []
+    out = capsys.readouterr().out
+    assert "12 case(s) already in" in out and "nothing to run" in out
