@@ -596,6 +596,7 @@ class Runner:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         losses = []
+        _sync(self.device)  # the model's copy to the device is not the first step's time
         with torch.cuda.stream(side):
             # Warm-up outside the capture: tritonbn's autotuning (it synchronises, which a
             # capture forbids), cuDNN's plans, SGD's momentum buffers (created on the first step).
