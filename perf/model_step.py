@@ -211,7 +211,7 @@ class Measured:
     compile_s: float = math.nan
     first_step_s: float = math.nan
     steps: int = 0
-    loss_diff: float = math.nan  # max |loss - eager torch's loss| over the check steps
+    loss_diff: float = math.nan  # max |loss - torch's loss| over the check steps (Runner.reference)
     check: str = ""
     backend: str = ""
     bn_modules: str = ""  # which BatchNorm classes the model ran, and how many
@@ -320,7 +320,7 @@ def summary_table(rows: Iterable[dict]) -> str:
                   if row["ms_p20"] and row["ms_p80"] else "-")
 
         def cell(name: str) -> str:
-            return row.get(name) or "-"
+            return (row.get(name) or "-").replace("|", "\\|")  # an error message must not split the row
 
         step = f"{ours:.2f}" if math.isfinite(ours) else "-"
         lines.append(f"| {batch} | {_precision_title(row)} | {mode} | {provider} | {step} | {spread} "
