@@ -8,11 +8,13 @@
 #   results.csv      the report's rows          summary.txt   the report's summary table
 #   plots.tar.gz     the report's PNGs (packed: at most 8 files come back from $OUT)
 #   static_checks.md perf/static_checks.py's report
+#   model_step.csv   perf/model_step.py's rows (stage `model`, or the report's last section)
 #
 # Usage:
 #   perf/gpu_run.sh                            # tests, static, report: all within the budget
 #   perf/gpu_run.sh tests static               # only these stages
 #   perf/gpu_run.sh report --resume --dtypes bfloat16   # other words go to perf/report.py
+#   perf/gpu_run.sh model                      # only the model-level benchmark (perf/model_step.py)
 #
 # A failing stage does not stop the next one: each exit code is recorded and printed at the
 # end, and the script exits non-zero if any stage failed. The whole run keeps inside
@@ -22,7 +24,8 @@
 #
 # Knobs (environment): PYTHON (default python3), GPU_RUN_BUDGET_S, GPU_RUN_TEST_TIMEOUT_S
 # (240), GPU_RUN_STATIC_TIMEOUT_S (150), GPU_RUN_STATIC_ARGS (default: --workers N --out
-# $OUT/static_checks.md).
+# $OUT/static_checks.md), GPU_RUN_MODEL_ARGS (extra words for perf/model_step.py, e.g.
+# "--resume --variants torch-compile convert-compile").
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,13 +45,15 @@ stages=()
 report_args=()
 for arg in "$@"; do
     case "$arg" in
-        tests|static|report) stages+=("$arg") ;;
+        tests|static|report|model) stages+=("$arg") ;;
         --) ;;
         *) report_args+=("$arg") ;;
     esac
 done
 [[ ${#stages[@]} -eq 0 ]] && stages=(tests static report)
 wants() { [[ " ${stages[*]} " == *" $1 "* ]]; }
+# The model stage measures the model-level benchmark itself: the report leaves it out then.
+wants model && report_args+=(--no-model-step)
 
 declare -A rc
 order=()
@@ -116,12 +121,33 @@ if wants report; then
         fi
     fi
     if [[ "${rc[report]}" != skipped && -d "$results_dir" ]]; then
-        for f in results.csv summary.txt; do
+        for f in results.csv summary.txt model_step.csv; do
             [[ -f "$results_dir/$f" ]] && cp "$results_dir/$f" "$OUT/"
         done
         pngs=("$results_dir"/*.png)
         [[ -e "${pngs[0]}" ]] && (cd "$results_dir" && tar -czf "$OUT/plots.tar.gz" ./*.png)
         echo "=== results in $results_dir, copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
+    fi
+fi
+
+if wants model; then
+    # Opt-in (not a default stage: tests, static checks and the report fill the budget). The
+    # same budget logic as the report's: no case starts unless its estimate (perf/model_step.py
+    # ESTIMATE_S) fits 60 s before the end, and a hard stop 20 s before it; rows are written as
+    # they are measured, into the committed results folder (so --resume continues there).
+    model_dir="$("$PY" -m perf.report --print-out-dir)"
+    left=$((BUDGET - $(elapsed)))
+    soft=$((left - 60))
+    hard=$((left - 20))
+    if ((soft < 30)); then
+        echo "=== model: only ${left}s left of the budget, skipped (run: perf/gpu_run.sh model)"
+        rc[model]=skipped
+        order+=(model)
+    else
+        read -r -a model_args <<<"${GPU_RUN_MODEL_ARGS:-}"
+        step model timeout -k 5 "$hard" "$PY" -m perf.model_step --budget "$soft" --csv "$model_dir/model_step.csv" \
+            ${model_args[@]+"${model_args[@]}"}
+        [[ -f "$model_dir/model_step.csv" ]] && cp "$model_dir/model_step.csv" "$OUT/"
     fi
 fi
 

@@ -4,6 +4,7 @@ Usage (``perf/run_report.sh`` sets up an environment and runs this)::
 
     python -m perf.report [--ops ...] [--modes ...] [--dtypes ...] [--layouts ...] [--providers ...]
                           [--shapes SUBSTRING ...] [--time-budget S] [--resume] [--smoke]
+                          [--model-step | --no-model-step]
 
 For every shape x dtype x layout it first checks tritonbn against eager torch (max abs error
 of y, dx, dweight, dbias, running statistics, eval y; a mismatch is flagged in the CSV and
@@ -30,6 +31,12 @@ and says nothing about speed.
 
 Writes one long-format CSV (perf/common.py: COLUMNS) to perf/results/<card-slug>/ on a GPU
 or perf/out/ on a CPU, PNGs beside it (perf/plot.py), and prints the summary table last.
+
+Last, with CUDA (``--model-step``, the default there; ``--no-model-step`` to leave it out),
+the model-level benchmark of perf/model_step.py (a ResNet-50 training step, torch's model
+against convert_model and fuse_model) runs in what is left of the time budget, into
+model_step.csv beside results.csv, and its table follows the summary; on a CPU the summary
+says it was skipped.
 """
 
 from __future__ import annotations
@@ -800,6 +807,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-out-dir", action="store_true", help="print the default output folder and exit")
     parser.add_argument("--summarize", action="store_true",
                         help="measure nothing: plot and summarise the CSV already in the output folder")
+    parser.add_argument("--model-step", action=argparse.BooleanOptionalAction, default=None,
+                        help="end with the model-level benchmark (perf/model_step.py: a ResNet-50 training step) "
+                        "in the time left, into model_step.csv; default: on with CUDA")
     args = parser.parse_args(argv)
     if args.providers is None:
         args.providers = list(common.PROVIDERS)
@@ -810,8 +820,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, issues: list[str],
-           notes: list[str] | None = None) -> int:
-    """Plots, summary.txt, the problem list, then the summary table (printed last)."""
+           notes: list[str] | None = None, appendix: list[str] | None = None) -> int:
+    """Plots, summary.txt, the problem list, then the summary table (printed last), appendix after it."""
     if plot:
         try:
             from perf import plot as plotting
@@ -822,7 +832,7 @@ def finish(csv_path: Path, out_dir: Path, device_name: str | None, plot: bool, i
             traceback.print_exc()
             issues.append("plotting failed")
     rows = [r for r in common.read_rows(csv_path) if device_name is None or r["device"] == device_name]
-    lines = (notes or []) + common.summary_lines(rows)
+    lines = (notes or []) + common.summary_lines(rows) + (appendix or [])
     (out_dir / "summary.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if issues:
         print(f"\n{len(issues)} PROBLEM(S):")
@@ -840,7 +850,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.summarize:
         out_dir = args.out or default_out_dir(args.smoke)
-        return finish(out_dir / "results.csv", out_dir, None, not args.no_plot, [])
+        from perf import model_step
+
+        return finish(out_dir / "results.csv", out_dir, None, not args.no_plot, [],
+                      appendix=model_step.saved_section(out_dir))
     env = prepare(args.smoke, autotune=not args.no_autotune)
     out_dir = args.out or default_out_dir(args.smoke)
     csv_path = out_dir / "results.csv"
@@ -874,7 +887,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = report.first_call_lines()
     if not args.no_host_cost:
         notes += host_cost_lines(out_dir, report.issues)
-    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues, notes)
+    # The model-level benchmark, last, in the time left (or a line saying why it did not run).
+    from perf import model_step
+
+    model_lines = model_step.report_section(env, args, report.elapsed(), out_dir, report.issues)
+    return finish(csv_path, out_dir, env.device_name, not args.no_plot, report.issues, notes, appendix=model_lines)
 
 
 def host_cost_lines(out_dir: Path, issues: list[str]) -> list[str]:
