@@ -235,7 +235,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(rounds: int = 15, steps: int = 20, only: list[str] | None = None, out=print) -> list[dict]:
+def run(rounds: int = 21, steps: int = 10, only: list[str] | None = None, out=print) -> list[dict]:
     torch.set_num_threads(1)  # CPU time of one thread on both sides
     rows = []
     for case in cases():
@@ -248,8 +248,8 @@ def run(rounds: int = 15, steps: int = 20, only: list[str] | None = None, out=pr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names to run")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the rows as JSON to PATH ('-': as the last line of the output)")
