@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
+from ._compat import bias_kwargs
 from .functional import _batch_norm
 
 __all__ = [
@@ -32,7 +33,7 @@ class _TritonBatchNormMixin:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, bn_training)
+        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
         check_fusion_args(input, residual, activation)
 
         num_batches_tracked = None
@@ -115,10 +116,14 @@ class _BatchNormActMixin:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, activation: str | None = "relu",
-                 negative_slope: float = 0.01) -> None:
+                 negative_slope: float = 0.01, *, bias: bool = True) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(str(a) for a in ACTIVATIONS)}, got {activation!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **bias_kwargs(bias))
+        if not bias and affine:
+            # torch < 2.13 has no bias argument: the same module as torch 2.13's bias=False.
+            self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = negative_slope
 
@@ -155,6 +160,8 @@ class BatchNormAct2d(_BatchNormActMixin, BatchNorm2d):
         num_features, eps, momentum, affine, track_running_stats: as in BatchNorm2d.
         activation: ``None``, ``"relu"``, ``"silu"`` or ``"leaky_relu"``. Default: ``"relu"``
         negative_slope: the leaky_relu slope. Default: 0.01
+        bias: with ``affine``, learn an additive bias (``False``: a weight only, as torch
+            2.13's ``bias=False``; also on older torch). Default: ``True``
 
     Shape:
         - Input, residual (optional): ``(N, C, H, W)``
