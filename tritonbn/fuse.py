@@ -111,6 +111,8 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     * activation: ``nn.ReLU``, ``nn.SiLU``, ``nn.LeakyReLU`` modules (shared modules are fine),
       ``F.relu``, ``torch.relu``, ``F.relu_``, ``Tensor.relu(_)``, ``F.silu``,
       ``F.leaky_relu`` / ``F.leaky_relu_`` with a constant slope, in place or not;
+    * ``nn.Identity`` modules in between (placeholders such as timm's ``drop_block``) are
+      looked through;
     * residual add: ``a + b``, ``a += b``, ``torch.add`` / ``Tensor.add`` (alpha 1), with the
       BatchNorm on either side (``Tensor.add_`` / ``+=`` only with the BatchNorm output as
       the mutated operand: fusing ``identity += bn(x)`` would drop the update of ``identity``).
@@ -200,6 +202,7 @@ def _fuse_children(module: torch.nn.Module, name: str, depth: int) -> torch.nn.M
 def _fuse_graph(gm: fx.GraphModule) -> int:
     """Rewrite gm's graph in place; returns the number of BatchNorms fused."""
     modules = dict(gm.named_modules(remove_duplicate=False))
+    _drop_identities(gm, modules)
     calls: dict[int, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -241,6 +244,20 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return fused
+
+
+def _drop_identities(gm: fx.GraphModule, modules: dict) -> None:
+    """Take ``nn.Identity`` calls out of the graph: they return their input object itself.
+
+    Models keep optional layers as Identity placeholders between a BatchNorm and its
+    activation (timm's ResNet: ``bn1 -> drop_block -> act1``); without them the pattern shows.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) is not torch.nn.Identity:
+            continue
+        if len(node.args) == 1 and not node.kwargs and not _has_hooks(modules[node.target]):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def _match(node: fx.Node, modules: dict, calls: dict) -> _Match | None:
