@@ -95,12 +95,20 @@ def quantities(models, seed):
 REFERENCE_RUNS = ["torch NCHW", "torch channels_last", "torch channels_last + noise"]
 
 
-def ratios(out, judged):
+def _error(value, exact, percentile):
+    """Largest |value - exact|, or its 99th percentile (tests/test_model_zoo.py's _error)."""
+    diff = (value.double() - exact).abs().reshape(-1)
+    if not percentile or diff.numel() < 100:
+        return diff.max().item()
+    return diff.kthvalue(int(0.99 * diff.numel())).values.item()
+
+
+def ratios(out, judged, percentile=False):
     """Per quantity: judged's error / the largest error of REFERENCE_RUNS (vs float64), above the floor."""
     result = {}
     for q, exact in out["float64"].items():
         exact = exact.double()
-        err = {k: (out[k][q].double() - exact).abs().max().item() for k in out if k != "float64"}
+        err = {k: _error(out[k][q], exact, percentile) for k in out if k != "float64"}
         floor = 1e-5 + 1e-5 * exact.abs().max().item()
         reference = max(err[k] for k in REFERENCE_RUNS if k != judged)
         if max(err[judged], reference) > floor:
@@ -109,18 +117,20 @@ def ratios(out, judged):
 
 
 def part1(seeds):
-    print("| seed | run judged | worst ratio (quantity) | median ratio | eval output: its error, torch's largest |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| seed | run judged | worst ratio, max error (quantity) | worst ratio, 99th percentile (quantity) "
+          "| median ratio | eval output: its error, torch's largest |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for seed in seeds:
         out = quantities(runs(seed), seed)
         for judged in ("torch NCHW + noise", "tritonbn channels_last"):
-            r = ratios(out, judged)
-            worst = max(r, key=lambda q: r[q][0])
+            r, p = ratios(out, judged), ratios(out, judged, percentile=True)
+            worst, worst_p = max(r, key=lambda q: r[q][0]), max(p, key=lambda q: p[q][0])
             median = sorted(v[0] for v in r.values())[len(r) // 2]
             ev = r.get("eval output", (0, float("nan"), float("nan")))
-            print(f"| {seed} | {judged} | {r[worst][0]:.2f} ({worst}) | {median:.2f} | {ev[1]:.2e}, {ev[2]:.2e} |")
+            print(f"| {seed} | {judged} | {r[worst][0]:.2f} ({worst}) | {p[worst_p][0]:.2f} ({worst_p}) | {median:.2f} "
+                  f"| {ev[1]:.2e}, {ev[2]:.2e} |")
         ev = out["float64"]["eval output"].abs().max().item()
-        print(f"| {seed} | (eval output scale: max abs {ev:.3g}) | | | |")
+        print(f"| {seed} | (eval output scale: max abs {ev:.3g}) | | | | |")
 
 
 def part2():
@@ -132,8 +142,9 @@ def part2():
     res = {}
     for label, fn, dtype in (("float64", F.batch_norm, torch.float64), ("torch", F.batch_norm, torch.float32),
                              ("tritonbn", tritonbn.functional.batch_norm, torch.float32)):
-        xi = x32.to(dtype).requires_grad_()
-        wi, bi = w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+        # Copies: .to() of a float32 tensor to float32 is the tensor itself, whose .grad would add up.
+        xi = x32.to(dtype).clone().requires_grad_()
+        wi, bi = w.to(dtype).clone().requires_grad_(), b.to(dtype).clone().requires_grad_()
         y = fn(xi, None, None, wi, bi, True, 0.1, 1e-5)
         y.backward(dy.to(dtype))
         res[label] = [t.detach().double() for t in (y, xi.grad, wi.grad)]
