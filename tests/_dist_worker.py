@@ -39,25 +39,28 @@ def initial_params(device):
     return weight.to(device), bias.to(device)
 
 
-def sync_bn_steps(rank, world, init_file, sizes, out_dir, device, momentum, steps, backend="gloo"):
+def sync_bn_steps(rank, world, init_file, sizes, out_dir, device, momentum, steps, backend="gloo", has_bias=True):
     _init(rank, world, init_file, backend)
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    bn = tritonbn.SyncBatchNorm(CHANNELS, momentum=momentum).to(device)
+    bn = tritonbn.SyncBatchNorm(CHANNELS, momentum=momentum, **({} if has_bias else {"bias": False})).to(device)
     weight, bias = initial_params(device)
     with torch.no_grad():
         bn.weight.copy_(weight)
-        bn.bias.copy_(bias)
+        if has_bias:
+            bn.bias.copy_(bias)
     start = sum(sizes[:rank])
     end = start + sizes[rank]
     record = []
     for step in range(steps):
         x, dy = global_batch(sizes, step, device)
         x_local = x[start:end].clone().requires_grad_(True)
-        bn.weight.grad = bn.bias.grad = None
+        bn.weight.grad = None
+        if has_bias:
+            bn.bias.grad = None
         y = bn(x_local)
         y.backward(dy[start:end])
-        grads = torch.stack([bn.weight.grad, bn.bias.grad])
+        grads = torch.stack([bn.weight.grad, bn.bias.grad if has_bias else torch.zeros_like(bn.weight.grad)])
         dist.all_reduce(grads)  # dgamma/dbeta are local sums: their sum is the whole batch's
         record.append({"y": y.detach().cpu(), "dx": x_local.grad.cpu(), "grads": grads.cpu(),
                        "running_mean": bn.running_mean.cpu().clone(), "running_var": bn.running_var.cpu().clone(),

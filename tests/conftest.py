@@ -81,7 +81,8 @@ def randomize_batch_norm(module, batches: int = 5):
     with torch.no_grad():
         if module.affine:
             module.weight.uniform_(0.5, 1.5)
-            module.bias.normal_()
+            if module.bias is not None:  # torch 2.13's bias=False
+                module.bias.normal_()
         if module.track_running_stats:
             module.running_mean.normal_()
             module.running_var.uniform_(0.5, 2.0)
@@ -97,3 +98,38 @@ def random_bn_input(shape, dtype=torch.float32, device=DEVICE, memory_format=Non
     scales = torch.rand(c, dtype=torch.float64) * 2.0 + 0.5
     x = (torch.randn(shape, dtype=torch.float64) * scales.view(view) + offsets.view(view)).to(device, dtype)
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+class _NoBatchNormMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """Raises on any batch-norm op but tritonbn's own (forward or backward) that reaches the dispatcher."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "tritonbn" and "batch_norm" in func.name():
+            raise AssertionError(f"torch's own batch norm ran: {func.name()}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_torch_batch_norm():
+    """Fail if torch's own batch norm runs inside the block, forward or backward.
+
+    Two nets: ``torch.batch_norm`` / ``F.batch_norm`` (and the functional's module-level
+    name) are patched to raise, which also catches a path that would be decomposed before
+    the dispatcher; and a dispatch mode raises on every aten op whose name contains
+    "batch_norm" (native_batch_norm, _native_batch_norm_legit*, cudnn_batch_norm, their
+    backwards), which autograd's engine also runs under. tritonbn's own CPU fallback and
+    double-backward path call F.batch_norm, so scope the block to a converted model's step.
+    """
+    import torch.nn.functional as F
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's own batch norm ran: F.batch_norm / torch.batch_norm")
+
+    saved = (F.batch_norm, torch.batch_norm)
+    F.batch_norm = refuse
+    torch.batch_norm = refuse
+    try:
+        with _NoBatchNormMode():
+            yield
+    finally:
+        F.batch_norm, torch.batch_norm = saved

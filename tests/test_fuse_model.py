@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, TOLERANCES, triton_ran
+from conftest import DEVICE, TOLERANCES, no_torch_batch_norm, triton_ran
 from torch import fx, nn
 
 import tritonbn
@@ -361,8 +361,16 @@ class _NotFusable(nn.Module):
 def test_not_fused():
     model = _NotFusable()
     fused = tritonbn.fuse_model(model)
-    assert fused is model  # nothing matched: the model itself comes back
-    assert not _fused(fused)
+    assert not _fused(fused)  # nothing matched; every BatchNorm converted instead
+    assert type(fused) is _NotFusable and fused is not model
+    assert all(type(m).__module__.startswith("tritonbn.") for m in _plain(fused))
+    assert type(fused.sync) is tritonbn.SyncBatchNorm and type(fused.bn_shared) is tritonbn.BatchNorm2d
+    assert all(type(m).__module__.startswith("torch.") for m in _plain(model))  # the caller's model is untouched
+    assert fused.bn_shared.weight is model.bn_shared.weight
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    with triton_ran(), no_torch_batch_norm():
+        out = fused(x)
+    _close(out, model(x), "output")
 
 
 def test_fused_graph_keeps_unused_state():
@@ -400,13 +408,13 @@ def test_outputs_match_train_and_eval(model_cls, shape):
         x = torch.randn(shape, device=DEVICE)
         inputs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
         t32, t64 = models[0](inputs[0]), models[1](inputs[1])
-        with triton_ran(len(_fused(fused))):
+        with triton_ran(len(_fused(fused))), no_torch_batch_norm():  # downsample BatchNorms converted too
             out = fused(inputs[2])
         _close(out, t32, f"output, training={training}")
         grad = torch.randn_like(t32)
         t32.backward(grad)
         t64.backward(grad.double())
-        with triton_ran():
+        with triton_ran(), no_torch_batch_norm():
             out.backward(grad)
         _as_accurate(inputs[2].grad, inputs[0].grad, inputs[1].grad, f"x.grad, training={training}")
         grads = [{k: p.grad for k, p in m.named_parameters()} for m in models]

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from conftest import DEVICE, triton_ran
 
 import tritonbn
+from tritonbn._compat import BATCH_NORM_BIAS_ARGUMENT
 
 # gloo's all_gather takes CPU tensors only, and one GPU cannot host several NCCL ranks: the
 # multi-process tests run on CPU tensors through the interpreter, on a GPU machine too (the
@@ -38,20 +39,23 @@ def _spawn(fn, world, tmp_path, *args, interpret=True):
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
 
 
-def _reference_steps(sizes, momentum, steps, device=GLOO_DEVICE):
-    bn = torch.nn.BatchNorm2d(worker.CHANNELS, momentum=momentum).to(device)
+def _reference_steps(sizes, momentum, steps, device=GLOO_DEVICE, has_bias=True):
+    bn = torch.nn.BatchNorm2d(worker.CHANNELS, momentum=momentum, **({} if has_bias else {"bias": False})).to(device)
     weight, bias = worker.initial_params(device)
     with torch.no_grad():
         bn.weight.copy_(weight)
-        bn.bias.copy_(bias)
+        if has_bias:
+            bn.bias.copy_(bias)
     record = []
     for step in range(steps):
         x, dy = worker.global_batch(sizes, step, device)
         x = x.clone().requires_grad_(True)
-        bn.weight.grad = bn.bias.grad = None
+        bn.weight.grad = None
+        if has_bias:
+            bn.bias.grad = None
         y = bn(x)
         y.backward(dy)
-        grads = torch.stack([bn.weight.grad, bn.bias.grad]).cpu()
+        grads = torch.stack([bn.weight.grad, bn.bias.grad if has_bias else torch.zeros_like(bn.weight.grad)]).cpu()
         record.append({"y": y.detach().cpu(), "dx": x.grad.cpu(), "grads": grads,
                        "running_mean": bn.running_mean.cpu().clone(), "running_var": bn.running_var.cpu().clone()})
     return record
@@ -80,6 +84,22 @@ def test_sync_batch_norm_equals_whole_batch(tmp_path, world, sizes, momentum, co
             torch.testing.assert_close(got["running_mean"], want["running_mean"], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(got["running_var"], want["running_var"], atol=1e-6, rtol=1e-5)
             assert got["num_batches_tracked"] == step + 1
+
+
+@pytest.mark.skipif(not BATCH_NORM_BIAS_ARGUMENT, reason="torch < 2.13 has no bias=False")
+def test_sync_batch_norm_without_bias(tmp_path):
+    """torch 2.13's bias=False through the synchronised forward and backward."""
+    sizes, steps = [3, 2], 2
+    results = _spawn(worker.sync_bn_steps, 2, tmp_path, sizes, str(tmp_path), GLOO_DEVICE, 0.1, steps, "gloo", False)
+    expected = _reference_steps(sizes, 0.1, steps, has_bias=False)
+    for rank, record in enumerate(results):
+        start, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        for step in range(steps):
+            got, want = record[step], expected[step]
+            torch.testing.assert_close(got["y"], want["y"][start:end], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["dx"], want["dx"][start:end], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got["grads"], want["grads"], atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(got["running_var"], want["running_var"], atol=1e-6, rtol=1e-5)
 
 
 def test_ddp_steps_match_single_process(tmp_path):

@@ -1,16 +1,19 @@
 """tritonbn: Batch Normalization in Triton, a drop-in for torch's BatchNorm.
 
 Public API: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``SyncBatchNorm`` (subclasses of torch's),
-``functional.batch_norm`` (torch's signature), ``convert_model``, ``backend_for`` (which
-implementation runs on a tensor) and ``kernels`` (the Triton kernels).
+``FrozenBatchNorm2d`` (torchvision's, in Triton), ``functional.batch_norm`` (torch's signature),
+``convert_model`` / ``unconverted_batch_norms``, ``fuse_model``, ``backend_for`` (which
+implementation runs on a tensor), ``zoo`` (timm's BatchNormAct counterparts) and ``kernels``
+(the Triton kernels).
 """
 
-from . import functional, kernels
+from . import functional, kernels, zoo
 from .backend import backend_for
-from .convert import convert_model
+from .convert import convert_model, unconverted_batch_norms
 from .fuse import fuse_model
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .sync import SyncBatchNorm
+from .zoo import FrozenBatchNorm2d
 
 __version__ = "0.1.0"
 
@@ -21,10 +24,13 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "FrozenBatchNorm2d",
     "SyncBatchNorm",
     "backend_for",
     "convert_model",
     "functional",
     "fuse_model",
     "kernels",
+    "unconverted_batch_norms",
+    "zoo",
 ]

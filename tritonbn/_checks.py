@@ -45,9 +45,13 @@ def check_batch_norm_args(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     training: bool,
+    eps: float | None = None,
 ) -> None:
-    """Raise for any argument torch's batch_norm would reject (and a few it would mishandle)."""
-    if _all_well_formed(input, running_mean, running_var, weight, bias, training):
+    """Raise for any argument torch's batch_norm would reject (and a few it would mishandle).
+
+    ``eps`` (when given) is checked last, as in torch, by :func:`check_eps`.
+    """
+    if (eps is None or eps > 0.0) and _all_well_formed(input, running_mean, running_var, weight, bias, training):
         return  # the usual case, checked cheaply; otherwise the checks below find the complaint
     if input.dim() < 2:
         raise ValueError(f"expected 2D or higher input (got {input.dim()}D input)")
@@ -78,6 +82,21 @@ def check_batch_norm_args(
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         verify_batch_size(input.shape)
+    if eps is not None:
+        check_eps(eps, training)
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """torch 2.13+'s rule (``F.batch_norm``), applied on every torch version tritonbn supports.
+
+    Training divides by sqrt(var + eps) with a batch variance that can be 0 (a constant
+    channel), so eps must be positive there; eval uses the running variance and only rejects
+    a negative eps. A NaN eps passes, as in torch (both comparisons are False).
+    """
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 _SUPPORTED_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))

@@ -84,7 +84,7 @@ def _batch_norm(
     ``1 / num_batches_tracked``, read on the device.
     """
     if not checked:
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
         check_fusion_args(input, residual, activation)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")

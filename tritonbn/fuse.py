@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convert import move_state
+from ._compat import bias_kwargs
+from .convert import convert_tree, move_state
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .zoo import FrozenBatchNorm2d, is_frozen_batch_norm
 
 __all__ = ["fuse_model"]
 
@@ -75,14 +77,17 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with every BatchNorm a leaf.
+    """torch.fx's tracer, with every BatchNorm (frozen ones too) a leaf.
 
     tritonbn's BatchNorms check the input's rank in Python, which a traced value cannot
-    answer; keeping all of them as call_module nodes is also what the pattern needs.
+    answer; keeping all of them as call_module nodes is also what the pattern needs, and what
+    lets the conversion afterwards replace a frozen BatchNorm (traced through, its arithmetic
+    would be inlined into the graph and stay torch's).
     """
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, (_BatchNorm, FrozenBatchNorm2d)) or is_frozen_batch_norm(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 @dataclass
@@ -106,6 +111,8 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     * activation: ``nn.ReLU``, ``nn.SiLU``, ``nn.LeakyReLU`` modules (shared modules are fine),
       ``F.relu``, ``torch.relu``, ``F.relu_``, ``Tensor.relu(_)``, ``F.silu``,
       ``F.leaky_relu`` / ``F.leaky_relu_`` with a constant slope, in place or not;
+    * ``nn.Identity`` modules in between (placeholders such as timm's ``drop_block``) are
+      looked through;
     * residual add: ``a + b``, ``a += b``, ``torch.add`` / ``Tensor.add`` (alpha 1), with the
       BatchNorm on either side (``Tensor.add_`` / ``+=`` only with the BatchNorm output as
       the mutated operand: fusing ``identity += bn(x)`` would drop the update of ``identity``).
@@ -117,6 +124,13 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     own passes. The residual must have the BatchNorm output's shape and dtype (as in ResNet);
     a broadcasting add is fused only if nothing shows it is not a tensor, and then raises a
     clear error at run time.
+
+    Then every BatchNorm that was not fused is converted as :func:`tritonbn.convert_model`
+    converts it (a downsample's BatchNorm, a SyncBatchNorm, timm's ``BatchNormAct2d`` (fused
+    with its own activation when the kernel has it), torchvision's ``FrozenBatchNorm2d``,
+    ...), so the fused model runs no torch batch norm; what cannot be converted is named in a
+    warning. torchvision's ``Conv2dNormActivation`` blocks are Sequentials of conv, norm and
+    activation: their BatchNorm -> ReLU/SiLU is fused like any other.
 
     Not in place: ``model`` is left as it was (its BatchNorms still run unfused), but the
     result shares every Parameter, buffer and unreplaced module with it, so training one
@@ -130,7 +144,7 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
 
     Returns:
         A ``torch.fx.GraphModule`` when ``model`` traces and something was fused; ``model``
-        itself when nothing was fused; otherwise a shallow copy of ``model`` whose children
+        itself when nothing was fused or converted; otherwise a shallow copy of ``model`` whose children
         are the fused ones. Its state_dict has the same keys and tensors as ``model``'s, and
         it follows ``train()`` / ``eval()`` like any module.
 
@@ -139,7 +153,11 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
         >>> model = torchvision.models.resnet50().cuda()
         >>> model = tritonbn.fuse_model(model)   # bn1+relu, bn2+relu, bn3+add+relu per block
     """
-    return _fuse(model, "", 0)
+    fused = _fuse(model, "", 0)
+    # Then every BatchNorm not fused (a downsample's, a SyncBatchNorm, timm's BatchNormAct2d, a
+    # frozen one) is converted, so the fused model runs no torch batch norm; modules shared
+    # with ``model`` are copied, not changed, so ``model`` keeps running as it did.
+    return convert_tree(fused, protected=frozenset(id(m) for m in model.modules()), caller="fuse_model")
 
 
 def _fuse(module: torch.nn.Module, name: str, depth: int) -> torch.nn.Module:
@@ -184,6 +202,7 @@ def _fuse_children(module: torch.nn.Module, name: str, depth: int) -> torch.nn.M
 def _fuse_graph(gm: fx.GraphModule) -> int:
     """Rewrite gm's graph in place; returns the number of BatchNorms fused."""
     modules = dict(gm.named_modules(remove_duplicate=False))
+    _drop_identities(gm, modules)
     calls: dict[int, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -199,6 +218,7 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         new = _FUSED_CLASS[type(bn)](
             bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
             activation=match.activation, negative_slope=match.slope,
+            **bias_kwargs(not bn.affine or bn.bias is not None),
         )
         move_state(bn, new)
         gm.add_submodule(node.target, new)
@@ -224,6 +244,20 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         gm.graph.lint()
         gm.recompile()
     return fused
+
+
+def _drop_identities(gm: fx.GraphModule, modules: dict) -> None:
+    """Take ``nn.Identity`` calls out of the graph: they return their input object itself.
+
+    Models keep optional layers as Identity placeholders between a BatchNorm and its
+    activation (timm's ResNet: ``bn1 -> drop_block -> act1``); without them the pattern shows.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or type(modules[node.target]) is not torch.nn.Identity:
+            continue
+        if len(node.args) == 1 and not node.kwargs and not _has_hooks(modules[node.target]):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def _match(node: fx.Node, modules: dict, calls: dict) -> _Match | None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
+from ._compat import bias_kwargs
 from .functional import _batch_norm
 
 __all__ = [
@@ -37,7 +38,7 @@ class _TritonBatchNormMixin:
         # Buffers are used when they exist and we are in eval, or when tracking in training.
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training, self.eps)
         if residual is not None or activation is not None:
             check_fusion_args(input, residual, activation)
 
@@ -123,10 +124,14 @@ class _BatchNormActMixin:
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, activation: str | None = "relu",
-                 negative_slope: float = 0.01) -> None:
+                 negative_slope: float = 0.01, *, bias: bool = True) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(str(a) for a in ACTIVATIONS)}, got {activation!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **bias_kwargs(bias))
+        if not bias and affine:
+            # torch < 2.13 has no bias argument: the same module as torch 2.13's bias=False.
+            self.register_parameter("bias", None)
         self.activation = activation
         self.negative_slope = negative_slope
 
@@ -163,6 +168,8 @@ class BatchNormAct2d(_BatchNormActMixin, BatchNorm2d):
         num_features, eps, momentum, affine, track_running_stats: as in BatchNorm2d.
         activation: ``None``, ``"relu"``, ``"silu"`` or ``"leaky_relu"``. Default: ``"relu"``
         negative_slope: the leaky_relu slope. Default: 0.01
+        bias: with ``affine``, learn an additive bias (``False``: a weight only, as torch
+            2.13's ``bias=False``; also on older torch). Default: ``True``
 
     Shape:
         - Input, residual (optional): ``(N, C, H, W)``

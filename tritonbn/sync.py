@@ -27,9 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _launch
-from ._checks import check_batch_norm_args
+from ._checks import check_batch_norm_args, check_eps
 from .backend import TORCH_NATIVE, backend_for
-from .convert import move_state
 from .functional import _batch_norm
 
 __all__ = ["SyncBatchNorm"]
@@ -115,6 +114,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         # Synchronised statistics have no one-value rule: other processes add values.
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
                               bn_training and not need_sync)
+        check_eps(self.eps, bn_training)  # torch's rule applies to synchronised statistics too
 
         if not need_sync and world_size > 1:
             # CPU without the interpreter: torch's own SyncBatchNorm does the work (and counts).
@@ -132,10 +132,15 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-        """Replace every BatchNorm*d (torch's or tritonbn's) and torch SyncBatchNorm in ``module``.
+        """Replace every BatchNorm (torch's, timm's or tritonbn's) in ``module`` by a tritonbn SyncBatchNorm.
 
-        Parameters and buffers move over as the same objects; requires_grad, device, dtype and
-        the training flag are kept, as in :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+        ``tritonbn.convert_model(module, sync=True, process_group=process_group)``: parameters
+        and buffers move over as the same objects; requires_grad, device, dtype, a missing
+        bias (``bias=False``) and the training flag are kept, as in
+        :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. Unlike torch's, a module's
+        activation is kept (timm's BatchNormAct2d, tritonbn's BatchNormAct*d become
+        :class:`tritonbn.zoo.SyncBatchNormDropAct`), and a subclass that overrides a method
+        is left alone with a warning instead of losing its forward.
 
         Args:
             module: the model (any depth; may itself be a BatchNorm).
@@ -144,12 +149,6 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         Returns:
             ``module`` converted in place, or the new module when ``module`` is a BatchNorm.
         """
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                      process_group, device="meta")
-            return move_state(module, new)
-        for name, child in module.named_children():
-            new_child = cls.convert_sync_batchnorm(child, process_group)
-            if new_child is not child:
-                module.add_module(name, new_child)
-        return module
+        from .convert import convert_tree
+
+        return convert_tree(module, sync=True, process_group=process_group, caller="convert_sync_batchnorm")
