@@ -30,7 +30,15 @@ from .common import (
     tile_total,
     tree_sum,
 )
-from .configs import NCS_HEURISTICS, NCS_REDUCE_HEURISTICS, ROWS_HEURISTICS, ROWS_REDUCE_HEURISTICS, autotune
+from .configs import (
+    NCS_HEURISTICS,
+    NCS_ONE_LAUNCH_HEURISTICS,
+    NCS_SPLIT_REDUCE_HEURISTICS,
+    ROWS_HEURISTICS,
+    ROWS_ONE_LAUNCH_HEURISTICS,
+    ROWS_SPLIT_REDUCE_HEURISTICS,
+    autotune,
+)
 
 
 @triton.jit
@@ -124,7 +132,7 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(NCS_REDUCE_HEURISTICS)
+@triton.heuristics(NCS_SPLIT_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
@@ -151,14 +159,13 @@ def _bn_bwd_reduce_ncs(
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(NCS_REDUCE_HEURISTICS)
+@triton.heuristics(NCS_ONE_LAUNCH_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_one_launch_ncs(
     X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     N, C, S, stride_n, stride_c,
-    n_chunk, s_chunk,  # = N, S (named as in the reduce kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo,  # 1 / (N * S), a float pair (common.exact_scalar)
     slope, slope_lo,
@@ -204,7 +211,7 @@ def _bn_bwd_dx_ncs(
     W, B, Mean, Rstd,  # [C]
     SumDy, SumDyXhat,  # [C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
-    s_chunk, bucket,  # s_chunk = S; bucket: autotune key only (configs.tuning_bucket)
+    bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,
@@ -265,7 +272,7 @@ def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, 
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(ROWS_REDUCE_HEURISTICS)
+@triton.heuristics(ROWS_SPLIT_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
@@ -298,14 +305,14 @@ def _bn_bwd_reduce_rows(
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
-@triton.heuristics(ROWS_REDUCE_HEURISTICS)
+@triton.heuristics(ROWS_ONE_LAUNCH_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_bwd_one_launch_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     M, C, stride_m,
-    m_chunk, bucket,  # m_chunk = M; bucket: autotune key only (configs.tuning_bucket)
+    bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     R_IS_OUTPUT: tl.constexpr, WRITE_DR: tl.constexpr, ACTIVATION: tl.constexpr,

@@ -140,84 +140,83 @@ def all_configs(kind: str) -> list[triton.Config]:
     return _FAMILIES[kind]
 
 
-def _elements_per_program(args: dict) -> int:
-    """Elements one program of a reduce kernel sees, or the whole tensor for elementwise ones."""
-    if "n_chunk" in args:
-        return args["n_chunk"] * args["s_chunk"]
-    if "m_chunk" in args:
-        return args["m_chunk"] * args["C"]
-    if "s_chunk" in args:
-        return args["N"] * args["S"]
-    return args["M"] * args["C"]
-
-
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles far larger than the work they would cover: they only add tuning time.
+def prune_tiles(configs: list[triton.Config], elements: int) -> list[triton.Config]:
+    """Drop tiles far larger than the ``elements`` they would cover: they only add tuning time.
 
     A new shape then tunes in well under a second per kernel on small problems.
     """
-    work = triton.next_power_of_2(max(_elements_per_program(named_args), 1))
+    work = triton.next_power_of_2(max(elements, 1))
     kept = [config for config in configs if config.kwargs.get("TILE", 0) <= max(2 * work, 1024)]
     return kept or configs[:1]
 
 
-def _reduce_lanes(lanes: int, args: dict) -> int:
+# Each elementwise family prunes by its kernels' own extent; reductions have no tile to prune
+# (their lanes follow the shape).
+_PRUNE = {
+    "ncs_elementwise": lambda configs, args, **_: prune_tiles(configs, args["N"] * args["S"]),
+    "rows_elementwise": lambda configs, args, **_: prune_tiles(configs, args["M"] * args["C"]),
+}
+
+
+def _reduce_lanes(lanes: int, acc) -> int:
     lanes *= _INTERPRETER_TILE_FACTOR
-    return lanes // 2 if args["ACC"] == tl.float64 else lanes
+    return lanes // 2 if acc == tl.float64 else lanes
 
 
-def ncs_reduce_tile(args: dict) -> int:
-    """Lanes of an NCS reduction tile: REDUCE_TILE, or fewer when a program's chunk is smaller.
-
-    A function of the shape and dtype only (see the module docstring)."""
-    work = triton.next_power_of_2(args["n_chunk"]) * triton.next_power_of_2(args["s_chunk"])
-    return max(min(_reduce_lanes(REDUCE_TILE, args), work), 64)
-
-
-def rows_reduce_block_m(args: dict) -> int:
-    """Rows of a channels-last reduction tile; a function of the shape and dtype only."""
-    rows = _reduce_lanes(ROWS_REDUCE_LANES, args) // min(triton.next_power_of_2(args["C"]), 32)
-    return max(min(rows, triton.next_power_of_2(args["m_chunk"])), 1)
+def ncs_reduce_tile(n_extent: int, s_extent: int, acc) -> int:
+    """Lanes of an NCS reduction tile over a program's n_extent x s_extent chunk: REDUCE_TILE,
+    or fewer when the chunk is smaller. A function of the shape and dtype only."""
+    work = triton.next_power_of_2(n_extent) * triton.next_power_of_2(s_extent)
+    return max(min(_reduce_lanes(REDUCE_TILE, acc), work), 64)
 
 
-# Tile shapes, as triton.heuristics of the kernels (applied after the config is chosen).
+def rows_reduce_block_m(m_extent: int, c: int, acc) -> int:
+    """Rows of a channels-last reduction tile over m_extent rows; the shape's and dtype's only."""
+    rows = _reduce_lanes(ROWS_REDUCE_LANES, acc) // min(triton.next_power_of_2(c), 32)
+    return max(min(rows, triton.next_power_of_2(m_extent)), 1)
 
 
-def ncs_tile_shape(args: dict) -> dict:
-    """[BLOCK_N, BLOCK_S] for a TILE of one channel: as wide along spatial as the chunk allows."""
-    block_s = min(triton.next_power_of_2(args["s_chunk"]), args["TILE"])
-    return {"BLOCK_S": block_s, "BLOCK_N": args["TILE"] // block_s}
+def ncs_tile_shape(tile: int, s_extent: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_S) of a tile of one channel: as wide along spatial as s_extent allows."""
+    block_s = min(triton.next_power_of_2(s_extent), tile)
+    return tile // block_s, block_s
 
 
-def rows_tile_shape(args: dict) -> dict:
-    """[BLOCK_M, BLOCK_C] for a TILE of channels-last rows: as many channels as allowed."""
-    block_c = min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
-    return {"BLOCK_C": block_c, "BLOCK_M": max(args["TILE"] // block_c, 1)}
+def rows_block_c(c: int, max_block_c: int) -> int:
+    """Channels of a channels-last tile: the config's MAX_BLOCK_C, or C."""
+    return min(triton.next_power_of_2(c), max_block_c)
 
 
-def rows_reduce_block_c(args: dict) -> int:
-    """Channels of a channels-last reduction tile: the config's MAX_BLOCK_C, or C."""
-    return min(triton.next_power_of_2(args["C"]), args["MAX_BLOCK_C"])
-
-
-NCS_REDUCE_HEURISTICS = {
-    "TILE": ncs_reduce_tile,
-    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
-    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
+# Tile shapes as triton.heuristics (applied after the config is chosen), one set per kernel
+# signature: split-route reductions see a chunk (n_chunk x s_chunk, m_chunk rows), one-launch
+# kernels the whole channel (N x S, M rows), elementwise kernels the whole tensor.
+NCS_SPLIT_REDUCE_HEURISTICS = {
+    "TILE": lambda a: ncs_reduce_tile(a["n_chunk"], a["s_chunk"], a["ACC"]),
+    "BLOCK_N": lambda a: ncs_tile_shape(a["TILE"], a["s_chunk"])[0],
+    "BLOCK_S": lambda a: ncs_tile_shape(a["TILE"], a["s_chunk"])[1],
+}
+NCS_ONE_LAUNCH_HEURISTICS = {
+    "TILE": lambda a: ncs_reduce_tile(a["N"], a["S"], a["ACC"]),
+    "BLOCK_N": lambda a: ncs_tile_shape(a["TILE"], a["S"])[0],
+    "BLOCK_S": lambda a: ncs_tile_shape(a["TILE"], a["S"])[1],
+}
+NCS_HEURISTICS = {
+    "BLOCK_N": lambda a: ncs_tile_shape(a["TILE"], a["S"])[0],
+    "BLOCK_S": lambda a: ncs_tile_shape(a["TILE"], a["S"])[1],
 }
 # BLOCK_C (tuned through MAX_BLOCK_C) groups independent channels; BLOCK_M, the lanes along
 # a channel, is the shape's alone.
-ROWS_REDUCE_HEURISTICS = {
-    "BLOCK_M": rows_reduce_block_m,
-    "BLOCK_C": rows_reduce_block_c,
+ROWS_SPLIT_REDUCE_HEURISTICS = {
+    "BLOCK_M": lambda a: rows_reduce_block_m(a["m_chunk"], a["C"], a["ACC"]),
+    "BLOCK_C": lambda a: rows_block_c(a["C"], a["MAX_BLOCK_C"]),
 }
-NCS_HEURISTICS = {
-    "BLOCK_N": lambda args: ncs_tile_shape(args)["BLOCK_N"],
-    "BLOCK_S": lambda args: ncs_tile_shape(args)["BLOCK_S"],
+ROWS_ONE_LAUNCH_HEURISTICS = {
+    "BLOCK_M": lambda a: rows_reduce_block_m(a["M"], a["C"], a["ACC"]),
+    "BLOCK_C": lambda a: rows_block_c(a["C"], a["MAX_BLOCK_C"]),
 }
 ROWS_HEURISTICS = {
-    "BLOCK_M": lambda args: rows_tile_shape(args)["BLOCK_M"],
-    "BLOCK_C": lambda args: rows_tile_shape(args)["BLOCK_C"],
+    "BLOCK_C": lambda a: rows_block_c(a["C"], a["MAX_BLOCK_C"]),
+    "BLOCK_M": lambda a: max(a["TILE"] // rows_block_c(a["C"], a["MAX_BLOCK_C"]), 1),
 }
 
 
@@ -228,7 +227,8 @@ def autotune(kind: str, key: list[str], in_place_flag: str | None = None):
     that can update them in place names the constexpr that turns the update on
     (``in_place_flag``), and is tuned with it off (tuning_cache.DiskCachedAutotuner).
     """
-    tune = triton.autotune(configs=configs(kind), key=key, prune_configs_by={"early_config_prune": prune_configs})
+    prune = {"early_config_prune": _PRUNE[kind]} if kind in _PRUNE else None
+    tune = triton.autotune(configs=configs(kind), key=key, prune_configs_by=prune)
 
     def decorate(fn):
         tuner = tune(fn)

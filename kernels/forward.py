@@ -48,10 +48,12 @@ from .common import (
 )
 from .configs import (
     NCS_HEURISTICS,
-    NCS_REDUCE_HEURISTICS,
+    NCS_ONE_LAUNCH_HEURISTICS,
+    NCS_SPLIT_REDUCE_HEURISTICS,
     PER_CHANNEL_BLOCK,
     ROWS_HEURISTICS,
-    ROWS_REDUCE_HEURISTICS,
+    ROWS_ONE_LAUNCH_HEURISTICS,
+    ROWS_SPLIT_REDUCE_HEURISTICS,
     autotune,
 )
 from .running_stats import blend_running_stats
@@ -126,7 +128,7 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
 
 
 @autotune("ncs_reduce", key=["bucket", "ACC"])
-@triton.heuristics(NCS_REDUCE_HEURISTICS)
+@triton.heuristics(NCS_SPLIT_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
@@ -154,7 +156,7 @@ def _bn_fwd_stats_ncs(
 
 
 @autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
-@triton.heuristics(NCS_REDUCE_HEURISTICS)
+@triton.heuristics(NCS_ONE_LAUNCH_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_one_launch_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
@@ -163,7 +165,6 @@ def _bn_fwd_one_launch_ncs(
     Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
-    n_chunk, s_chunk,  # = N, S: the whole channel (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
@@ -206,7 +207,6 @@ def _bn_fwd_normalize_ncs(
     StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
     Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval): what backward needs, in ACC
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
-    s_chunk,  # = S (named as in the stats kernel for the tile heuristic)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     FROM_RUNNING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -299,7 +299,7 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 
 
 @autotune("rows_reduce", key=["bucket", "ACC"])
-@triton.heuristics(ROWS_REDUCE_HEURISTICS)
+@triton.heuristics(ROWS_SPLIT_REDUCE_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
@@ -331,7 +331,7 @@ def _bn_fwd_stats_rows(
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
-@triton.heuristics(ROWS_REDUCE_HEURISTICS)
+@triton.heuristics(ROWS_ONE_LAUNCH_HEURISTICS)
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_one_launch_rows(
     X, Y,  # [M, C] input and output
@@ -340,7 +340,6 @@ def _bn_fwd_one_launch_rows(
     Mean, Rstd, Var,  # [C] batch statistics out (ACC)
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     M, C, stride_m, y_stride_m,
-    m_chunk,  # = M (named as in the stats kernel for tuning)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)

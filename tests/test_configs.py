@@ -39,13 +39,16 @@ def test_reduction_lanes_are_a_function_of_the_shape(acc):
     scale = (2 if cfg.INTERPRETER else 1) / (2 if acc == "fp64" else 1)
     full = int(cfg.REDUCE_TILE * scale)
     full_rows = int(cfg.ROWS_REDUCE_LANES * scale)
+    heuristics = (cfg.NCS_SPLIT_REDUCE_HEURISTICS["TILE"], cfg.NCS_ONE_LAUNCH_HEURISTICS["TILE"])
     for n_chunk, s_chunk, expected in [(256, 3136, full), (3, 49, 4 * 64), (1, 1, 64), (2, 7, 64)]:
-        tiles = {cfg.ncs_reduce_tile({"n_chunk": n_chunk, "s_chunk": s_chunk, "ACC": dtype, **config.kwargs})
-                 for config in cfg.all_configs("ncs_reduce")}
+        tiles = {tile({"n_chunk": n_chunk, "s_chunk": s_chunk, "N": n_chunk, "S": s_chunk, "ACC": dtype,
+                       **config.kwargs})
+                 for config in cfg.all_configs("ncs_reduce") for tile in heuristics}
         assert tiles == {expected}
+    heuristics = (cfg.ROWS_SPLIT_REDUCE_HEURISTICS["BLOCK_M"], cfg.ROWS_ONE_LAUNCH_HEURISTICS["BLOCK_M"])
     for m_chunk, c, expected_rows in [(100000, 256, full_rows // 32), (100000, 3, full_rows // 4), (5, 256, 8)]:
-        rows = {cfg.rows_reduce_block_m({"m_chunk": m_chunk, "C": c, "ACC": dtype, **config.kwargs})
-                for config in cfg.all_configs("rows_reduce")}
+        rows = {block_m({"m_chunk": m_chunk, "M": m_chunk, "C": c, "ACC": dtype, **config.kwargs})
+                for config in cfg.all_configs("rows_reduce") for block_m in heuristics}
         assert rows == {expected_rows}
 
 
@@ -78,12 +81,15 @@ def test_rows_split_has_no_empty_chunk(m, c):
 
 
 def test_pruning_drops_tiles_larger_than_the_work():
-    small = cfg.prune_configs(cfg.all_configs("ncs_elementwise"), {"N": 2, "S": 49, "s_chunk": 49})
+    small = cfg.prune_tiles(cfg.all_configs("ncs_elementwise"), 2 * 49)
     assert [c.kwargs["TILE"] for c in small] == [1024]
-    reduce = cfg.all_configs("ncs_reduce")  # no tile to prune: their lanes follow the shape
-    assert cfg.prune_configs(reduce, {"n_chunk": 2, "s_chunk": 49}) == reduce
-    large = cfg.prune_configs(cfg.all_configs("rows_elementwise"), {"M": 100000, "C": 256})
+    large = cfg.prune_tiles(cfg.all_configs("rows_elementwise"), 100000 * 256)
     assert len(large) == len(cfg.all_configs("rows_elementwise"))
+    # Reductions are never pruned: their lanes follow the shape, configs only pick warps.
+    from tritonbn.kernels import forward
+
+    assert forward._bn_fwd_stats_ncs.early_config_prune is None
+    assert forward._bn_fwd_normalize_ncs.early_config_prune is not None
 
 
 def test_tuned_kernels_touch_running_statistics_only_behind_their_in_place_flag():

@@ -236,10 +236,10 @@ class _ForwardPlan:
             if view.kind == "ncs":
                 kernel, grid = fwd_kernels._bn_fwd_one_launch_ncs, (c,)
                 scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                           view.n, view.s, cfg.tuning_bucket(view.s, view.n))
+                           cfg.tuning_bucket(view.s, view.n))
             else:
                 kernel, grid = fwd_kernels._bn_fwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
-                scalars = (view.m, c, view.stride_m, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
+                scalars = (view.m, c, view.stride_m, view.stride_m, cfg.tuning_bucket(c, view.m))
             self.launches.append(_Launch(kernel, grid, scalars + eps2 + slope2 + momentum2 + bessel2,
                                          {**meta, **running}, replayable))
             return
@@ -271,7 +271,7 @@ class _ForwardPlan:
 def _normalize_launch(view, eps2, slope2, meta, from_running, replayable) -> _Launch:
     if view.kind == "ncs":
         kernel, grid = fwd_kernels._bn_fwd_normalize_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
-        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c, view.s,
+        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
                    cfg.tuning_bucket(view.s, view.n))
     else:
         kernel, grid = fwd_kernels._bn_fwd_normalize_rows, cfg.rows_tiles_grid(view.m, view.c)
@@ -479,11 +479,10 @@ class _BackwardPlan:
             self.route = "one-launch"
             if view.kind == "ncs":
                 kernel, grid = bwd_kernels._bn_bwd_one_launch_ncs, (c,)
-                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.n, view.s,
-                           cfg.tuning_bucket(view.s, view.n))
+                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, cfg.tuning_bucket(view.s, view.n))
             else:
                 kernel, grid = bwd_kernels._bn_bwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
-                scalars = (view.m, c, view.stride_m, view.m, cfg.tuning_bucket(c, view.m))
+                scalars = (view.m, c, view.stride_m, cfg.tuning_bucket(c, view.m))
             self.launches.append(_Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable))
             return
         self.route = "split"
@@ -508,7 +507,7 @@ class _BackwardPlan:
 def _dx_launch(view, inv_count2, slope2, meta, replayable) -> _Launch:
     if view.kind == "ncs":
         kernel, grid = bwd_kernels._bn_bwd_dx_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
-        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.s, cfg.tuning_bucket(view.s, view.n))
+        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, cfg.tuning_bucket(view.s, view.n))
     else:
         kernel, grid = bwd_kernels._bn_bwd_dx_rows, cfg.rows_tiles_grid(view.m, view.c)
         scalars = (view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m))

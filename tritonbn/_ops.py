@@ -1,6 +1,9 @@
-"""The torch.library ops: what autograd, torch.compile and CUDA graphs see.
+"""The torch.library ops (what torch.compile traces) and the eager autograd function.
 
-Three ops:
+Eager calls take ``BatchNormFunction``, a ``torch.autograd.Function`` over the launchers
+(tritonbn/_launch.py), with the running-statistics update folded into the forward's last
+kernel: the custom-op dispatch costs more host time than most BatchNorm layers take on the
+GPU. Under ``torch.compile`` (tritonbn/functional.py decides) three ops:
 
 * ``tritonbn::batch_norm_fwd`` (functional, differentiable): y = act(BN(x) + residual) and
   the statistics used;
