@@ -107,7 +107,29 @@ def main() -> None:
                 finally:
                     knobs.runtime.launch_enter_hook.remove(_no_op_hook)
             results[f"{case}/{module_type}"] = {"route": _launch.route(x), "calls": calls}
+    results["misaligned"] = _misaligned()
     print(json.dumps(results))
+
+
+def _misaligned() -> dict:
+    """An input 4 bytes off a 16-byte boundary: its plan must never replay (the compiled
+    kernel of an aligned call assumes aligned pointers), while an aligned call of the same
+    shape does."""
+    _launch._forward_plans.clear()  # only this check's plans from here on
+    module = tritonbn.BatchNorm2d(8)
+    storage = torch.randn(2 * 8 * 4 * 4 + 1)
+    shape = (2, 8, 4, 4)
+    counts = {}
+    for name, x in (("aligned", storage[:-1].view(shape)), ("misaligned", storage[1:].view(shape))):
+        assert (x.data_ptr() % 16 == 0) == (name == "aligned")
+        before = _launch.launch_count
+        for _ in range(3):
+            module(x)
+        plans = [plan for key, plan in _launch._forward_plans.items() if key[0] == x.shape and key[-2] == (
+            name == "aligned") and key[1] == x.stride()]
+        counts[name] = {"launches": _launch.launch_count - before,
+                        "replayable": [launch.compiled is not None for plan in plans for launch in plan.launches]}
+    return counts
 
 
 if __name__ == "__main__":

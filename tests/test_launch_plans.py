@@ -55,6 +55,15 @@ def test_replay_hands_the_kernel_what_triton_would(mock_run, case):
     assert first_args[0] == "x"
 
 
+def test_misaligned_input_is_never_replayed(mock_run):
+    """Triton specialises pointers on 16-byte alignment: a plan made for a misaligned input
+    always takes Triton's path, an aligned one replays."""
+    run = mock_run["misaligned"]
+    assert run["aligned"]["replayable"] == [True]
+    assert run["misaligned"]["replayable"] == [False]
+    assert run["aligned"]["launches"] == run["misaligned"]["launches"] == 3
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_launches_per_training_step(mock_run, case):
     """One forward and one backward launch on the one-launch route, three each on the split
