@@ -221,6 +221,9 @@ def test_conversion_counts(name):
     _, _, before, converted_counts, fused_counts = MODELS[name]
     model = _build(name)
     assert _norm_counts(model) == before
+    if "Frozen" not in str(before):  # the guard can fail: the original runs torch's batch norm
+        with pytest.raises(AssertionError, match="torch's own batch norm ran"), no_torch_batch_norm():
+            model(torch.randn(MODELS[name][1], device=DEVICE))
     fused = tritonbn.fuse_model(model)  # not in place
     assert _norm_counts(fused) == fused_counts
     assert tritonbn.unconverted_batch_norms(fused) == []
