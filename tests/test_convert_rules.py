@@ -262,13 +262,12 @@ def test_subclass_that_overrides_nothing_is_converted():
 
 
 def test_sync_batch_norm_outside_a_process_group_is_converted():
-    group = object()  # a stand-in: the group object is carried over, not used
-    assert _converted(nn.SyncBatchNorm(4, process_group=group)).process_group is group
-    model = nn.Sequential(nn.SyncBatchNorm(4)).to(DEVICE)
+    group = object()  # a stand-in: carried over, and unused while torch.distributed is not initialised
+    model = nn.Sequential(nn.SyncBatchNorm(4, process_group=group)).to(DEVICE)
     randomize_batch_norm(model[0])
     reference = copy.deepcopy(model)
     converted = _converted(model)
-    assert type(converted[0]) is tritonbn.SyncBatchNorm
+    assert type(converted[0]) is tritonbn.SyncBatchNorm and converted[0].process_group is group
     x = random_bn_input((2, 4, 3, 3))
     with triton_ran(), no_torch_batch_norm():
         out = converted(x)
@@ -342,3 +341,17 @@ def test_fuse_model_fuses_timm_modules_and_converts_frozen_ones():
     with triton_ran(3), no_torch_batch_norm():
         out = fused(x)
     torch.testing.assert_close(out, model(x), atol=ATOL, rtol=RTOL)
+
+
+def test_the_guard_catches_torch_batch_norm_forward_and_backward():
+    """no_torch_batch_norm can fail: torch's module, functional and aten entry points all trip it."""
+    bn = nn.BatchNorm2d(3).to(DEVICE)
+    x = random_bn_input((2, 3, 4, 4)).requires_grad_()
+    for call in (lambda: bn(x), lambda: torch.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, False),
+                 lambda: torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)):
+        with pytest.raises(AssertionError, match="torch's own batch norm ran"), no_torch_batch_norm():
+            call()
+    y = bn(x)  # outside: fine; its backward inside is torch's batch norm backward
+    with pytest.raises(AssertionError, match="torch's own batch norm ran"), no_torch_batch_norm():
+        y.sum().backward()
+    assert F.batch_norm is not None and torch.batch_norm.__name__ != "refuse"  # restored afterwards

@@ -72,6 +72,8 @@ class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):
         affine: learnable ``weight`` and ``bias``. Default: ``True``
         track_running_stats: keep running statistics (else batch statistics in eval too).
             Default: ``True``
+        bias: (keyword, torch >= 2.13) with ``affine``, learn an additive bias; ``False``
+            gives a weight without a bias, as in torch. Default: ``True``
 
     Shape:
         - Input: ``(N, C)`` or ``(N, C, L)``

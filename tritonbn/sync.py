@@ -108,7 +108,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         process_group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized()
                                                else None)
         world_size = 1
-        if bn_training and self.training and process_group is not None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if bn_training and self.training and process_group is not None and distributed:
+            # torch's rule: no initialised default group, no synchronisation (a module built with a
+            # group and then used without torch.distributed behaves as a plain BatchNorm).
             world_size = dist.get_world_size(process_group)
         need_sync = world_size > 1 and backend_for(input) != TORCH_NATIVE
         # Synchronised statistics have no one-value rule: other processes add values.
