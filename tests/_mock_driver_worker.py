@@ -108,7 +108,34 @@ def main() -> None:
                     knobs.runtime.launch_enter_hook.remove(_no_op_hook)
             results[f"{case}/{module_type}"] = {"route": _launch.route(x), "calls": calls}
     results["misaligned"] = _misaligned()
+    results["frozen_ptx"] = _frozen_ptx()
     print(json.dumps(results))
+
+
+def _frozen_ptx() -> dict:
+    """fma and separate add instructions in the PTX of the normalise kernel as the frozen
+    BatchNorm compiles it (no fp fusion: torch's two roundings) and as a plain eval
+    BatchNorm does (fusion allowed)."""
+    compiled = []
+    real = _launch._launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        result = real(kernel, grid, *args, **kwargs)
+        compiled.append(result)
+        return result
+
+    _launch._launch = recording
+    try:
+        x = torch.randn(2, 8, 4, 4)
+        tritonbn.FrozenBatchNorm2d(8)(x)
+        frozen = compiled[-1].asm["ptx"]
+        _launch._forward_plans.clear()  # the eval plan below must take Triton's path once
+        tritonbn.BatchNorm2d(8).eval()(x)
+        plain = compiled[-1].asm["ptx"]
+    finally:
+        _launch._launch = real
+    return {name: {"fma": ptx.count("fma.rn.f32"), "add": ptx.count("add.rn.f32") + ptx.count("add.f32")}
+            for name, ptx in (("frozen", frozen), ("plain", plain))}
 
 
 def _misaligned() -> dict:

@@ -64,6 +64,14 @@ def test_misaligned_input_is_never_replayed(mock_run):
     assert run["aligned"]["launches"] == run["misaligned"]["launches"] == 3
 
 
+def test_frozen_batch_norm_compiles_without_fma(mock_run):
+    """FrozenBatchNorm2d rounds the product and the sum separately, as torchvision's two ops
+    do: its normalise kernel is compiled without fp fusion (a plain BatchNorm's may fuse)."""
+    ptx = mock_run["frozen_ptx"]
+    assert ptx["frozen"]["fma"] == 0 and ptx["frozen"]["add"] > 0
+    assert ptx["plain"]["fma"] > 0  # the check can see an fma where there is one
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_launches_per_training_step(mock_run, case):
     """One forward and one backward launch on the one-launch route, three each on the split

@@ -425,15 +425,22 @@ def combine_stats(
 
 
 def normalize(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    fp_fusion: bool = True,
 ) -> torch.Tensor:
-    """y = (x - mean) * rstd * weight + bias with given per-channel statistics."""
+    """y = (x - mean) * rstd * weight + bias with given per-channel statistics.
+
+    fp_fusion=False compiles the kernel without fused multiply-adds, so that a product and a
+    sum round separately, as two torch ops do (FrozenBatchNorm2d's bit-for-bit promise).
+    """
     x, view = canonical_input(x)
     y = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return y
     meta = {**_common_meta(x, view), "HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None,
             "HAS_RESIDUAL": False, "ACTIVATION": 0}
+    if not fp_fusion:
+        meta["enable_fp_fusion"] = False
     w = weight.contiguous() if weight is not None else mean
     b = bias.contiguous() if bias is not None else mean
     _normalize_launch(view, (0.0, 0.0), (0.0, 0.0), meta, False, False)(x, y, y, w, b, mean, mean, rstd, mean, rstd,

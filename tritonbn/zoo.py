@@ -124,7 +124,7 @@ class _FrozenAffine(torch.autograd.Function):
     The kernel computes ``(x - mean) * (rstd * weight) + bias``; with mean = 0, rstd = 1,
     weight = scale and bias = shift every step but ``x * scale + shift`` is exact (x - 0 = x,
     1 * scale = scale), so it rounds exactly where torchvision's forward rounds: once for the
-    product, once for the sum (see FrozenBatchNorm2d for the compiled-GPU caveat).
+    product, once for the sum (compiled without fp fusion: no FMA merges the two).
     """
 
     @staticmethod
@@ -133,7 +133,8 @@ class _FrozenAffine(torch.autograd.Function):
         zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
         ones = torch.ones(x.shape[1], dtype=acc, device=x.device)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
-        return _launch.normalize(x, scale, shift, zeros, ones)
+        # No FMA: compiled kernels would otherwise fuse the product and the sum into one rounding.
+        return _launch.normalize(x, scale, shift, zeros, ones, fp_fusion=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -159,9 +160,9 @@ class FrozenBatchNorm2d(nn.Module):
     arithmetic as :class:`torchvision.ops.misc.FrozenBatchNorm2d`: the per-channel scale and
     shift are computed by the same torch operations, and the pass over x is tritonbn's
     normalise kernel computing ``x * scale + shift`` with one rounding per operation.
-    Through Triton's interpreter the output is bit-for-bit torchvision's; a compiled GPU
-    kernel may contract the multiply-add into one FMA (one rounding instead of two), which
-    can differ from torch's eager result in the last bit. The same in train and eval mode.
+    The kernel is compiled without fp fusion (no FMA), so a compiled GPU kernel rounds where
+    torch's eager ops round too; through Triton's interpreter the output is bit-for-bit
+    torchvision's (tested). The same in train and eval mode.
     Optional ``drop`` and ``act`` children (timm's ``FrozenBatchNormAct2d``) run afterwards.
 
     Args:
