@@ -152,9 +152,10 @@ def prune_tiles(configs: list[triton.Config], elements: int) -> list[triton.Conf
 
 # Each elementwise family prunes by its kernels' own extent; reductions have no tile to prune
 # (their lanes follow the shape).
+# Triton passes the positional arguments as a dict and the keyword ones as keywords.
 _PRUNE = {
-    "ncs_elementwise": lambda configs, args, **_: prune_tiles(configs, args["N"] * args["S"]),
-    "rows_elementwise": lambda configs, args, **_: prune_tiles(configs, args["M"] * args["C"]),
+    "ncs_elementwise": lambda configs, args, **kw: prune_tiles(configs, {**args, **kw}["N"] * {**args, **kw}["S"]),
+    "rows_elementwise": lambda configs, args, **kw: prune_tiles(configs, {**args, **kw}["M"] * {**args, **kw}["C"]),
 }
 
 

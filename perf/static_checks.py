@@ -369,7 +369,10 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
 
     def add(route, kernel, args, kwargs, dtype, target, config=None, role="sweep", expect_vector=None):
         jit, heuristics, kind = _unwrap(kernel)
-        flags = _flags_label(kwargs)  # the launcher's own flags, before config and heuristics
+        # The launcher's own flags (its constexprs), before config and heuristics; its scalars
+        # come by keyword too and are no flags.
+        constexpr_names = {param.name for param in jit.params if param.is_constexpr}
+        flags = _flags_label({k: v for k, v in kwargs.items() if k in constexpr_names})
         kwargs = dict(kwargs)
         config_label = "-"
         if config is not None:

@@ -78,17 +78,19 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 class _Launch:
-    """One kernel launch of a plan: the kernel, its scalar arguments and constexprs, its grid.
+    """One kernel launch of a plan: the kernel, its scalar arguments and constexprs by name,
+    its grid.
 
-    Called with the tensor arguments (a kernel's pointer parameters come first in its
-    signature, the scalars after them). The first call takes Triton's path and records the
-    compiled kernel, the grid and the bound argument values; later calls replay them.
+    Called with the tensor arguments, in signature order (a kernel's pointer parameters come
+    first in its signature, the scalars after them). The first call takes Triton's path, which
+    binds the scalars by name, and records the compiled kernel, the grid and the bound
+    argument values; later calls replay them.
     """
 
     __slots__ = ("kernel", "grid", "scalars", "meta", "replayable", "compiled", "fixed", "grid3", "device",
                  "on_device", "stream")
 
-    def __init__(self, kernel, grid, scalars: tuple, meta: dict, replayable: bool) -> None:
+    def __init__(self, kernel, grid, scalars: dict, meta: dict, replayable: bool) -> None:
         self.kernel = kernel
         self.grid = grid  # a tuple, or a function of the bound arguments (tile sizes)
         self.scalars = scalars
@@ -117,7 +119,7 @@ class _Launch:
             recorded["grid"] = grid(bound_args) if callable(grid) else grid
             return recorded["grid"]
 
-        compiled = _launch(self.kernel, recording_grid, *tensors, *self.scalars, **self.meta)
+        compiled = _launch(self.kernel, recording_grid, *tensors, **self.scalars, **self.meta)
         if (self.replayable and "args" in recorded and hasattr(compiled, "packed_metadata")
                 and not _capturing_cuda_graph()):
             # A graph capture runs the default config untuned: such a launch is not kept.
@@ -151,6 +153,14 @@ def _pair(value: float) -> tuple[float, float]:
     """(float32 value, float32 remainder) of a float: see kernels/common.py exact_scalar."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, float(value) - hi
+
+
+def _pairs(**values: float) -> dict[str, float]:
+    """Keyword arguments for float pairs: name=value gives name and name_lo."""
+    out = {}
+    for name, value in values.items():
+        out[name], out[f"{name}_lo"] = _pair(value)
+    return out
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -224,40 +234,29 @@ class _ForwardPlan:
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags}
-        eps2, slope2, momentum2 = _pair(eps), _pair(slope), _pair(momentum)
-        bessel2 = _pair(count / max(count - 1, 1))
         running = {"UPDATE_RUNNING": update, "CUMULATIVE": cumulative}
+        blend = _pairs(momentum=momentum, bessel=count / max(count - 1, 1))
         if not training:
-            self.launches.append(_normalize_launch(view, eps2, slope2, meta, True, replayable))
+            self.launches.append(_normalize_launch(view, eps, slope, meta, True, replayable))
             return
         split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
         self.split = split_a * split_b > 1
         if not self.split:
             if view.kind == "ncs":
                 kernel, grid = fwd_kernels._bn_fwd_one_launch_ncs, (c,)
-                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                           cfg.tuning_bucket(view.s, view.n))
+                scalars = dict(N=view.n, C=c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                               y_stride_n=view.stride_n, y_stride_c=view.stride_c,
+                               bucket=cfg.tuning_bucket(view.s, view.n))
             else:
                 kernel, grid = fwd_kernels._bn_fwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
-                scalars = (view.m, c, view.stride_m, view.stride_m, cfg.tuning_bucket(c, view.m))
-            self.launches.append(_Launch(kernel, grid, scalars + eps2 + slope2 + momentum2 + bessel2,
+                scalars = dict(M=view.m, C=c, stride_m=view.stride_m, y_stride_m=view.stride_m,
+                               bucket=cfg.tuning_bucket(c, view.m))
+            self.launches.append(_Launch(kernel, grid, {**scalars, **_pairs(eps=eps, slope=slope), **blend},
                                          {**meta, **running}, replayable))
             return
-        self.splits = split_a * split_b
-        reduce_meta = _common_meta(x, view)
-        if view.kind == "ncs":
-            stats = _Launch(fwd_kernels._bn_fwd_stats_ncs, (c * self.splits,),
-                            (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
-                             cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b), reduce_meta, replayable)
-        else:
-            stats = _Launch(fwd_kernels._bn_fwd_stats_rows, cfg.rows_blocks_grid(c, self.splits),
-                            (view.m, c, view.stride_m, chunk_a, self.splits, cfg.tuning_bucket(c, chunk_a)),
-                            reduce_meta, replayable)
-        combine = _Launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(c),
-                          (c, self.splits) + eps2 + momentum2 + bessel2,
-                          {**running, "ACC": meta["ACC"], "BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
-        self.launches += [stats, combine, _normalize_launch(view, eps2, slope2, meta, False, replayable)]
-
+        stats, self.splits = _stats_launch(x, view, replayable)
+        combine = _combine_launch(c, self.splits, eps, blend, running, meta["ACC"], replayable)
+        self.launches += [stats, combine, _normalize_launch(view, eps, slope, meta, False, replayable)]
 
     def scratch(self, device: torch.device) -> torch.Tensor:
         """[C] ACC values that kernels may write and nothing reads (the variance when not kept).
@@ -268,15 +267,40 @@ class _ForwardPlan:
         return self._scratch
 
 
-def _normalize_launch(view, eps2, slope2, meta, from_running, replayable) -> _Launch:
+def _stats_launch(x, view, replayable) -> tuple[_Launch, int]:
+    """The split route's partial statistics, and how many partial rows per channel it writes."""
+    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+    splits = split_a * split_b
+    if view.kind == "ncs":
+        return _Launch(fwd_kernels._bn_fwd_stats_ncs, (view.c * splits,),
+                       dict(N=view.n, C=view.c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                            n_chunk=chunk_a, s_chunk=chunk_b, bucket=cfg.tuning_bucket(chunk_b, chunk_a),
+                            split_n=split_a, split_s=split_b), _common_meta(x, view), replayable), splits
+    return _Launch(fwd_kernels._bn_fwd_stats_rows, cfg.rows_blocks_grid(view.c, splits),
+                   dict(M=view.m, C=view.c, stride_m=view.stride_m, m_chunk=chunk_a, split_m=splits,
+                        bucket=cfg.tuning_bucket(view.c, chunk_a)), _common_meta(x, view), replayable), splits
+
+
+_NO_RUNNING_UPDATE = {"UPDATE_RUNNING": False, "CUMULATIVE": False}
+
+
+def _combine_launch(c, splits, eps, blend, running, acc, replayable) -> _Launch:
+    return _Launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(c), dict(C=c, splits=splits, **_pairs(eps=eps),
+                                                                              **blend),
+                   {**running, "ACC": acc, "BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
+
+
+def _normalize_launch(view, eps, slope, meta, from_running, replayable) -> _Launch:
     if view.kind == "ncs":
         kernel, grid = fwd_kernels._bn_fwd_normalize_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
-        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, view.stride_n, view.stride_c,
-                   cfg.tuning_bucket(view.s, view.n))
+        scalars = dict(N=view.n, C=view.c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                       y_stride_n=view.stride_n, y_stride_c=view.stride_c, bucket=cfg.tuning_bucket(view.s, view.n))
     else:
         kernel, grid = fwd_kernels._bn_fwd_normalize_rows, cfg.rows_tiles_grid(view.m, view.c)
-        scalars = (view.m, view.c, view.stride_m, view.stride_m, cfg.tuning_bucket(view.c, view.m))
-    return _Launch(kernel, grid, scalars + eps2 + slope2, {**meta, "FROM_RUNNING": from_running}, replayable)
+        scalars = dict(M=view.m, C=view.c, stride_m=view.stride_m, y_stride_m=view.stride_m,
+                       bucket=cfg.tuning_bucket(view.c, view.m))
+    return _Launch(kernel, grid, {**scalars, **_pairs(eps=eps, slope=slope)}, {**meta, "FROM_RUNNING": from_running},
+                   replayable)
 
 
 _forward_plans: dict = {}
@@ -387,40 +411,32 @@ def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     x, view = canonical_input(x)
     c = view.c
     acc = accumulation_dtype(x.dtype)
-    mean, rstd, var = _empty((3, c), acc, x.device).unbind(0)
+    mean, rstd, var = (_empty(c, acc, x.device) for _ in range(3))
     if view.m == 0 or c == 0:
         return mean.zero_(), rstd.zero_(), var.zero_()
-    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
-    splits = split_a * split_b
-    meta = _common_meta(x, view)
+    stats, splits = _stats_launch(x, view, replayable=False)
     parts = _empty((3, splits, c), acc, x.device)
     pivot = _empty(c, acc, x.device)
-    if view.kind == "ncs":
-        _launch(fwd_kernels._bn_fwd_stats_ncs, (c * splits,), x, parts[0], parts[1], parts[2], pivot,
-                view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b, cfg.tuning_bucket(chunk_b, chunk_a),
-                split_a, split_b, **meta)
-    else:
-        _launch(fwd_kernels._bn_fwd_stats_rows, cfg.rows_blocks_grid(c, splits), x, parts[0], parts[1], parts[2], pivot,
-                view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), **meta)
-    _combine(parts[0], parts[1], parts[2], pivot, mean, rstd, var, c, splits, eps, meta["ACC"])
+    stats(x, parts[0], parts[1], parts[2], pivot)
+    _combine(parts[0], parts[1], parts[2], pivot, mean, rstd, var, eps)
     return mean, rstd, var
 
 
-def _combine(counts, means, m2s, pivot, mean, rstd, var, c, parts, eps, acc) -> None:
-    _launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(c), counts, means, m2s, pivot, mean, rstd, var,
-            mean, mean, mean, c, parts, *_pair(eps), 0.0, 0.0, 1.0, 0.0,
-            UPDATE_RUNNING=False, CUMULATIVE=False, ACC=acc, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+def _combine(counts, means, m2s, pivot, mean, rstd, var, eps) -> None:
+    splits, c = means.shape
+    combine = _combine_launch(c, splits, eps, _pairs(momentum=0.0, bessel=1.0), _NO_RUNNING_UPDATE,
+                              _tl_acc(means.dtype), replayable=False)
+    combine(counts, means, m2s, pivot, mean, rstd, var, mean, mean, mean)
 
 
 def combine_stats(
     counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
-    parts, c = means.shape
-    mean, rstd, var = _empty((3, c), means.dtype, means.device).unbind(0)
+    c = means.shape[1]
+    mean, rstd, var = (_empty(c, means.dtype, means.device) for _ in range(3))
     pivot = torch.zeros(c, dtype=means.dtype, device=means.device)
-    _combine(counts.contiguous(), means.contiguous(), m2s.contiguous(), pivot, mean, rstd, var, c, parts, eps,
-             _tl_acc(means.dtype))
+    _combine(counts.contiguous(), means.contiguous(), m2s.contiguous(), pivot, mean, rstd, var, eps)
     return mean, rstd, var
 
 
@@ -443,8 +459,7 @@ def normalize(
         meta["enable_fp_fusion"] = False
     w = weight.contiguous() if weight is not None else mean
     b = bias.contiguous() if bias is not None else mean
-    _normalize_launch(view, (0.0, 0.0), (0.0, 0.0), meta, False, False)(x, y, y, w, b, mean, mean, rstd, mean, rstd,
-                                                                        mean)
+    _normalize_launch(view, 0.0, 0.0, meta, False, False)(x, y, y, w, b, mean, mean, rstd, mean, rstd, mean)
     return y
 
 
@@ -477,48 +492,61 @@ class _BackwardPlan:
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags, "TRAINING": training, "WRITE_DR": residual_grad}
-        inv_count2, slope2 = _pair(1.0 / view.m), _pair(slope)
         if not training and not param_grads:
-            self.launches.append(_dx_launch(view, inv_count2, slope2, {**meta, "DZ_STORED": False}, replayable))
+            self.launches.append(_dx_launch(view, 1.0 / view.m, slope, {**meta, "DZ_STORED": False}, replayable))
             return
-        split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+        split_a, split_b, _, _ = _split(view, x.device)
         if split_a * split_b == 1:
             self.route = "one-launch"
             if view.kind == "ncs":
                 kernel, grid = bwd_kernels._bn_bwd_one_launch_ncs, (c,)
-                scalars = (view.n, c, view.s, view.stride_n, view.stride_c, cfg.tuning_bucket(view.s, view.n))
+                scalars = dict(N=view.n, C=c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                               bucket=cfg.tuning_bucket(view.s, view.n))
             else:
                 kernel, grid = bwd_kernels._bn_bwd_one_launch_rows, cfg.rows_blocks_grid(c, 1)
-                scalars = (view.m, c, view.stride_m, cfg.tuning_bucket(c, view.m))
-            self.launches.append(_Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable))
+                scalars = dict(M=view.m, C=c, stride_m=view.stride_m, bucket=cfg.tuning_bucket(c, view.m))
+            self.launches.append(_Launch(kernel, grid, {**scalars, **_pairs(inv_count=1.0 / view.m, slope=slope)},
+                                         meta, replayable))
             return
         self.route = "split"
-        self.splits = splits = split_a * split_b
         self.store_dz = residual_grad and flags["ACTIVATION"] != 0
         reduce_meta = {k: v for k, v in meta.items() if k not in ("TRAINING", "WRITE_DR")}
-        reduce_meta["STORE_DZ"] = self.store_dz
-        if view.kind == "ncs":
-            reduce = _Launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,),
-                             (view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
-                              cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b) + slope2, reduce_meta, replayable)
-        else:
-            reduce = _Launch(bwd_kernels._bn_bwd_reduce_rows, cfg.rows_blocks_grid(c, splits),
-                             (view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a)) + slope2,
-                             reduce_meta, replayable)
-        combine = _Launch(bwd_kernels._bn_bwd_combine, cfg.per_channel_grid(c), (c, splits),
-                          {"BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
+        reduce, self.splits = _reduce_launch(x, view, slope, {**reduce_meta, "STORE_DZ": self.store_dz}, replayable)
         dx_meta = {**meta, "DZ_STORED": self.store_dz, "WRITE_DR": residual_grad and not self.store_dz}
-        self.launches += [reduce, combine, _dx_launch(view, inv_count2, slope2, dx_meta, replayable)]
+        self.launches += [reduce, _bwd_combine_launch(c, self.splits, replayable),
+                          _dx_launch(view, 1.0 / view.m, slope, dx_meta, replayable)]
 
 
-def _dx_launch(view, inv_count2, slope2, meta, replayable) -> _Launch:
+def _reduce_launch(x, view, slope, meta, replayable) -> tuple[_Launch, int]:
+    """The split route's partial sums, and how many partial rows per channel it writes."""
+    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
+    splits = split_a * split_b
+    if view.kind == "ncs":
+        scalars = dict(N=view.n, C=view.c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                       n_chunk=chunk_a, s_chunk=chunk_b, bucket=cfg.tuning_bucket(chunk_b, chunk_a),
+                       split_n=split_a, split_s=split_b)
+        kernel, grid = bwd_kernels._bn_bwd_reduce_ncs, (view.c * splits,)
+    else:
+        scalars = dict(M=view.m, C=view.c, stride_m=view.stride_m, m_chunk=chunk_a, split_m=splits,
+                       bucket=cfg.tuning_bucket(view.c, chunk_a))
+        kernel, grid = bwd_kernels._bn_bwd_reduce_rows, cfg.rows_blocks_grid(view.c, splits)
+    return _Launch(kernel, grid, {**scalars, **_pairs(slope=slope)}, meta, replayable), splits
+
+
+def _bwd_combine_launch(c, splits, replayable) -> _Launch:
+    return _Launch(bwd_kernels._bn_bwd_combine, cfg.per_channel_grid(c), dict(C=c, splits=splits),
+                   {"BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable)
+
+
+def _dx_launch(view, inv_count, slope, meta, replayable) -> _Launch:
     if view.kind == "ncs":
         kernel, grid = bwd_kernels._bn_bwd_dx_ncs, cfg.ncs_tiles_grid(view.n, view.c, view.s)
-        scalars = (view.n, view.c, view.s, view.stride_n, view.stride_c, cfg.tuning_bucket(view.s, view.n))
+        scalars = dict(N=view.n, C=view.c, S=view.s, stride_n=view.stride_n, stride_c=view.stride_c,
+                       bucket=cfg.tuning_bucket(view.s, view.n))
     else:
         kernel, grid = bwd_kernels._bn_bwd_dx_rows, cfg.rows_tiles_grid(view.m, view.c)
-        scalars = (view.m, view.c, view.stride_m, cfg.tuning_bucket(view.c, view.m))
-    return _Launch(kernel, grid, scalars + inv_count2 + slope2, meta, replayable)
+        scalars = dict(M=view.m, C=view.c, stride_m=view.stride_m, bucket=cfg.tuning_bucket(view.c, view.m))
+    return _Launch(kernel, grid, {**scalars, **_pairs(inv_count=inv_count, slope=slope)}, meta, replayable)
 
 
 def backward(
@@ -611,23 +639,13 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
     acc = accumulation_dtype(x.dtype)
     if view.m == 0 or c == 0:
         return torch.zeros((2, c), dtype=acc, device=x.device)
-    split_a, split_b, chunk_a, chunk_b = _split(view, x.device)
-    splits = split_a * split_b
-    meta = {**_plain_backward_meta(x, view, None), "STORE_DZ": False}
+    reduce, splits = _reduce_launch(x, view, 0.0, {**_plain_backward_meta(x, view, None), "STORE_DZ": False},
+                                    replayable=False)
     parts = _empty((2, splits, c), acc, x.device)
-    slope2 = (0.0, 0.0)
-    if view.kind == "ncs":
-        _launch(bwd_kernels._bn_bwd_reduce_ncs, (c * splits,), x, dy, dy, dy, mean, mean, mean, rstd, parts[0],
-                parts[1], view.n, c, view.s, view.stride_n, view.stride_c, chunk_a, chunk_b,
-                cfg.tuning_bucket(chunk_b, chunk_a), split_a, split_b, *slope2, **meta)
-    else:
-        _launch(bwd_kernels._bn_bwd_reduce_rows, cfg.rows_blocks_grid(c, splits), x, dy, dy, dy, mean, mean, mean, rstd,
-                parts[0], parts[1], view.m, c, view.stride_m, chunk_a, splits, cfg.tuning_bucket(c, chunk_a), *slope2,
-                **meta)
+    reduce(x, dy, dy, dy, mean, mean, mean, rstd, parts[0], parts[1])
     sums = _empty((2, c), acc, x.device)
     scratch = _empty((2, c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
-    _launch(bwd_kernels._bn_bwd_combine, cfg.per_channel_grid(c), parts[0], parts[1], sums[0], sums[1], scratch[0],
-            scratch[1], c, splits, BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    _bwd_combine_launch(c, splits, replayable=False)(parts[0], parts[1], sums[0], sums[1], scratch[0], scratch[1])
     return sums
 
 
@@ -648,8 +666,8 @@ def dx_from_sums(
         return dx
     meta = {**_plain_backward_meta(x, view, weight), "TRAINING": True, "WRITE_DR": False, "DZ_STORED": False}
     w = weight.contiguous() if weight is not None else mean
-    _dx_launch(view, (1.0, 0.0), (0.0, 0.0), meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd,
-                                                         mean_dy.contiguous(), mean_dy_xhat.contiguous())
+    _dx_launch(view, 1.0, 0.0, meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd, mean_dy.contiguous(),
+                                            mean_dy_xhat.contiguous())
     return dx
 
 
@@ -679,13 +697,12 @@ def update_running_stats(
     if c == 0 or (count == 0 and device_count is None):
         return
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
-    _launch(rs_kernels._bn_update_running_stats, cfg.per_channel_grid(c),
-            targets[0], targets[1], mean, var,
-            num_batches_tracked if num_batches_tracked is not None else mean,
-            device_count if device_count is not None else mean,
-            c, *_pair(momentum), *_pair(count / max(count - 1, 1)),
-            CUMULATIVE=num_batches_tracked is not None, DEVICE_COUNT=device_count is not None,
-            ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK)
+    update = _Launch(rs_kernels._bn_update_running_stats, cfg.per_channel_grid(c),
+                     dict(C=c, **_pairs(momentum=momentum, bessel=count / max(count - 1, 1))),
+                     dict(CUMULATIVE=num_batches_tracked is not None, DEVICE_COUNT=device_count is not None,
+                          ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK), replayable=False)
+    update(targets[0], targets[1], mean, var, num_batches_tracked if num_batches_tracked is not None else mean,
+           device_count if device_count is not None else mean)
     for target, original in zip(targets, (running_mean, running_var)):
         if target is not original:
             original.copy_(target)
