@@ -134,25 +134,33 @@ class DiskCachedAutotuner(Autotuner):
         # a time per kernel, so threads tuning a new shape at once do not trample each other.
         with self._tuning_lock():
             if key not in self.cache:
-                self._tune(key, args, kwargs)
+                launched, result = self._tune(key, args, kwargs)
+                if launched:
+                    return result
             return super().run(*args, **kwargs)
 
-    def _tune(self, key, args, kwargs) -> None:
-        """Fill self.cache[key]: from disk, or by benchmarking (without in-place effects)."""
+    def _tune(self, key, args, kwargs) -> tuple[bool, object]:
+        """Fill self.cache[key]: from disk, or by benchmarking (without in-place effects).
+
+        Returns (True, its result) when tuning ended with the caller's own launch (Autotuner.run
+        benchmarks every config, then launches the best once with the arguments it was given),
+        (False, None) when the caller's launch is still to be made.
+        """
         text_key = repr(tuple(str(k) for k in key))
         if self.use_disk:
             index = load_entry(self._cache_path(), text_key, len(self.configs))
             if index is not None:
                 self.cache[key] = self.configs[index]
-                return
-        trial_kwargs = dict(kwargs)
-        if self.in_place_flag is not None:
-            trial_kwargs[self.in_place_flag] = False
-        # Benchmarks every config, then launches the best once: outputs are written (and
-        # rewritten by the caller's launch), in-place buffers are never touched.
-        super().run(*args, **trial_kwargs)
+                return False, None
+        in_place = self.in_place_flag is not None and kwargs.get(self.in_place_flag)
+        # With an in-place effect, the trials (and the launch that ends them) run the variant
+        # without it: outputs are written, and rewritten by the caller's launch; in-place
+        # buffers are never touched.
+        trial_kwargs = {**kwargs, self.in_place_flag: False} if in_place else kwargs
+        result = super().run(*args, **trial_kwargs)
         if self.use_disk and key in self.cache:
             store_entry(self._cache_path(), text_key, self.configs.index(self.cache[key]))
+        return not in_place, result
 
     def _tuning_lock(self) -> threading.Lock:
         with _LOCKS_GUARD:
