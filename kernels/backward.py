@@ -138,7 +138,7 @@ def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
     DZ,  # [N, C, S] out when STORE_DZ: the gradient before the activation (= the residual's)
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
-    PartSumDy, PartSumDyXhat,  # [split_n * split_s, C] partial sums (ACC)
+    Parts,  # [2 * splits, C] out (ACC, splits = split_n * split_s): partial sum dz, then sum dz * xhat
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, bucket, split_n, split_s,  # bucket: autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # a float pair (common.exact_scalar)
@@ -154,8 +154,8 @@ def _bn_bwd_reduce_ncs(
     sum_dz, sum_dz_xmu = _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c,
                                            tl.load(Mean + c), tl.load(Rstd + c), w, b, slope, HAS_RESIDUAL,
                                            R_IS_OUTPUT, ACTIVATION, STORE_DZ, ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
-    tl.store(PartSumDy + part * C + c, sum_dz)
-    tl.store(PartSumDyXhat + part * C + c, sum_dz_xmu * tl.load(Rstd + c))
+    tl.store(Parts + part * C + c, sum_dz)
+    tl.store(Parts + (split_n * split_s + part) * C + c, sum_dz_xmu * tl.load(Rstd + c))
 
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
@@ -209,7 +209,7 @@ def _bn_bwd_one_launch_ncs(
 def _bn_bwd_dx_ncs(
     X, DY, DX, R, DR,  # [N, C, S], same strides
     W, B, Mean, Rstd,  # [C]
-    SumDy, SumDyXhat,  # [C] combined sums of dz and dz * xhat (ACC), read when TRAINING
+    Sums,  # [2, C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
@@ -233,8 +233,8 @@ def _bn_bwd_dx_ncs(
     sum_dz = tl.zeros_like(rstd)
     sum_dz_xhat = tl.zeros_like(rstd)
     if TRAINING:
-        sum_dz = tl.load(SumDy + c)
-        sum_dz_xhat = tl.load(SumDyXhat + c)
+        sum_dz = tl.load(Sums + c)
+        sum_dz_xhat = tl.load(Sums + C + c)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = ncs_tile_offsets(c, (tile // tiles_s) * BLOCK_N, (tile % tiles_s) * BLOCK_S, N, S,
                                     stride_n, stride_c, INT64_INDEX, BLOCK_N, BLOCK_S)
@@ -278,7 +278,7 @@ def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
     DZ,  # [M, C] out when STORE_DZ: the gradient before the activation (= the residual's)
     W, B, Mean, Rstd,  # [C]
-    PartSumDy, PartSumDyXhat,  # [split_m, C] partial sums (ACC)
+    Parts,  # [2 * split_m, C] out (ACC): partial sum dz, then sum dz * xhat
     M, C, stride_m,
     m_chunk, split_m, bucket,  # bucket: autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # a float pair (common.exact_scalar)
@@ -300,8 +300,8 @@ def _bn_bwd_reduce_rows(
     sum_dz, sum_dz_xhat = _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, rstd, w, b,
                                              slope, HAS_RESIDUAL, R_IS_OUTPUT, ACTIVATION, STORE_DZ, ACC,
                                              INT64_INDEX, BLOCK_M, BLOCK_C)
-    tl.store(PartSumDy + part * C + c, sum_dz, mask=c_mask)
-    tl.store(PartSumDyXhat + part * C + c, sum_dz_xhat, mask=c_mask)
+    tl.store(Parts + part * C + c, sum_dz, mask=c_mask)
+    tl.store(Parts + (split_m + part) * C + c, sum_dz_xhat, mask=c_mask)
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
@@ -347,7 +347,7 @@ def _bn_bwd_one_launch_rows(
 def _bn_bwd_dx_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
     W, B, Mean, Rstd,  # [C]
-    SumDy, SumDyXhat,  # [C] combined sums (ACC), read when TRAINING
+    Sums,  # [2, C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     M, C, stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar)
@@ -370,8 +370,8 @@ def _bn_bwd_dx_rows(
     sum_dz = tl.zeros_like(rstd)
     sum_dz_xhat = tl.zeros_like(rstd)
     if TRAINING:
-        sum_dz = tl.load(SumDy + c, mask=c_mask, other=0.0)
-        sum_dz_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0)
+        sum_dz = tl.load(Sums + c, mask=c_mask, other=0.0)
+        sum_dz_xhat = tl.load(Sums + C + c, mask=c_mask, other=0.0)
     dz_scale, xhat_scale, dz_shift = _dx_constants(w, rstd, sum_dz, sum_dz_xhat, inv_count)
     offset, mask = rows_tile_offsets(c, c_mask, (pid // tiles_c) * BLOCK_M, M, stride_m, INT64_INDEX, BLOCK_M)
     if DZ_STORED:
@@ -391,8 +391,8 @@ def _bn_bwd_dx_rows(
 
 @triton.jit
 def _bn_bwd_combine(
-    PartSumDy, PartSumDyXhat,  # [splits, C] partial sums (ACC)
-    SumDy, SumDyXhat,  # [C] out (ACC), for the dx kernel
+    Parts,  # [2 * splits, C] partial sums (ACC): sum dz rows, then sum dz * xhat rows
+    Sums,  # [2, C] out (ACC), for the dx kernel: sum dz, sum dz * xhat
     DW, DB,  # [C] out, in the parameters' dtype
     C, splits,
     BLOCK_C: tl.constexpr,
@@ -400,12 +400,13 @@ def _bn_bwd_combine(
     # grid: cdiv(C, BLOCK_C). Partials are added in a fixed order: the same bits every run.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    sum_dy = tl.load(PartSumDy + c, mask=c_mask, other=0.0)
-    sum_dy_xhat = tl.load(PartSumDyXhat + c, mask=c_mask, other=0.0)
+    part_dy_xhat = Parts + splits * C
+    sum_dy = tl.load(Parts + c, mask=c_mask, other=0.0)
+    sum_dy_xhat = tl.load(part_dy_xhat + c, mask=c_mask, other=0.0)
     for part in range(1, splits):
-        sum_dy += tl.load(PartSumDy + part * C + c, mask=c_mask, other=0.0)
-        sum_dy_xhat += tl.load(PartSumDyXhat + part * C + c, mask=c_mask, other=0.0)
-    tl.store(SumDy + c, sum_dy, mask=c_mask)
-    tl.store(SumDyXhat + c, sum_dy_xhat, mask=c_mask)
+        sum_dy += tl.load(Parts + part * C + c, mask=c_mask, other=0.0)
+        sum_dy_xhat += tl.load(part_dy_xhat + part * C + c, mask=c_mask, other=0.0)
+    tl.store(Sums + c, sum_dy, mask=c_mask)
+    tl.store(Sums + C + c, sum_dy_xhat, mask=c_mask)
     tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty), mask=c_mask)
     tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=c_mask)

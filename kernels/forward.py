@@ -58,6 +58,15 @@ from .configs import (
 )
 from .running_stats import blend_running_stats
 
+
+@triton.jit
+def _partial_rows(Parts, C, splits):
+    """The split route's partial statistics, one allocation of [3 * splits + 1, C] (ACC):
+    rows [0, splits) counts, [splits, 2 splits) means relative to the pivot, [2 splits,
+    3 splits) M2, row 3 splits each channel's pivot k (x[0, c, 0], or x[0, c] for rows)."""
+    return Parts, Parts + splits * C, Parts + 2 * splits * C, Parts + 3 * splits * C
+
+
 # ----------------------------------------------------------------------------------------------
 # NCS layout: [N, C, S], S contiguous
 # ----------------------------------------------------------------------------------------------
@@ -132,8 +141,7 @@ def _scale_shift(W, B, c, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_ncs(
     X,  # [N, C, S] input
-    PartCount, PartMean, PartM2,  # [split_n * split_s, C] partial statistics (ACC), mean shifted
-    K,  # [C] out: each channel's pivot k = x[0, c, 0]; partial means are relative to it (ACC)
+    Parts,  # [3 * splits + 1, C] out (ACC, splits = split_n * split_s): see _partial_rows
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk,  # batch rows and spatial elements per program
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -147,12 +155,13 @@ def _bn_fwd_stats_ncs(
     k = tl.load(X + c.to(tl.int64) * stride_c).to(ACC)
     count, mean, m2 = _ncs_channel_stats(X, c, n_begin, n_end, s_begin, s_end, stride_n, stride_c, k,
                                          ACC, INT64_INDEX, BLOCK_N, BLOCK_S)
+    part_count, part_mean, part_m2, pivot = _partial_rows(Parts, C, split_n * split_s)
     if part == 0:
-        tl.store(K + c, k)
+        tl.store(pivot + c, k)
     offset = part * C + c
-    tl.store(PartCount + offset, count)
-    tl.store(PartMean + offset, mean)
-    tl.store(PartM2 + offset, m2)
+    tl.store(part_count + offset, count)
+    tl.store(part_mean + offset, mean)
+    tl.store(part_m2 + offset, m2)
 
 
 @autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
@@ -303,8 +312,7 @@ def _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS:
 @triton.jit(do_not_specialize=["bucket"])
 def _bn_fwd_stats_rows(
     X,  # [M, C] input, rows stride_m apart
-    PartCount, PartMean, PartM2,  # [split_m, C] partial statistics (ACC), mean shifted
-    K,  # [C] out: each channel's pivot k = x[0, c]; partial means are relative to it (ACC)
+    Parts,  # [3 * split_m + 1, C] out (ACC): see _partial_rows
     M, C, stride_m,
     m_chunk, split_m,  # rows per program, programs per channel block
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -322,12 +330,13 @@ def _bn_fwd_stats_rows(
     k = tl.load(X + c, mask=c_mask, other=0.0).to(ACC)
     count, mean, m2 = _rows_channel_stats(X, c, c_mask, m_begin, m_end, stride_m, k,
                                           ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
+    part_count, part_mean, part_m2, pivot = _partial_rows(Parts, C, split_m)
     if part == 0:
-        tl.store(K + c, k, mask=c_mask)
+        tl.store(pivot + c, k, mask=c_mask)
     offset = part * C + c
-    tl.store(PartCount + offset, count, mask=c_mask)
-    tl.store(PartMean + offset, mean, mask=c_mask)
-    tl.store(PartM2 + offset, m2, mask=c_mask)
+    tl.store(part_count + offset, count, mask=c_mask)
+    tl.store(part_mean + offset, mean, mask=c_mask)
+    tl.store(part_m2 + offset, m2, mask=c_mask)
 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
@@ -417,8 +426,7 @@ def _bn_fwd_normalize_rows(
 
 @triton.jit
 def _bn_fwd_combine(
-    PartCount, PartMean, PartM2,  # [splits, C] partial statistics (ACC), mean shifted
-    K,  # [C] each channel's pivot (ACC): partial means are relative to it
+    Parts,  # [3 * splits + 1, C] the statistics kernel's partial rows (ACC): see _partial_rows
     Mean, Rstd, Var,  # [C] out (ACC)
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
     C, splits, eps, eps_lo,  # eps as a float pair (common.exact_scalar)
@@ -432,16 +440,17 @@ def _bn_fwd_combine(
     count = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
+    part_count, part_mean, part_m2, pivot = _partial_rows(Parts, C, splits)
     for part in range(0, splits):
         offset = part * C + c
         count, mean, m2 = chan_combine(
             count, mean, m2,
-            tl.load(PartCount + offset, mask=c_mask, other=0.0),
-            tl.load(PartMean + offset, mask=c_mask, other=0.0),
-            tl.load(PartM2 + offset, mask=c_mask, other=0.0),
+            tl.load(part_count + offset, mask=c_mask, other=0.0),
+            tl.load(part_mean + offset, mask=c_mask, other=0.0),
+            tl.load(part_m2 + offset, mask=c_mask, other=0.0),
         )
     var = m2 / tl.maximum(count, 1.0)
-    mean += tl.load(K + c, mask=c_mask, other=0.0)
+    mean += tl.load(pivot + c, mask=c_mask, other=0.0)
     tl.store(Mean + c, mean, mask=c_mask)
     tl.store(Rstd + c, rsqrt_rn(var + eps, ACC), mask=c_mask)
     tl.store(Var + c, var, mask=c_mask)

@@ -373,12 +373,9 @@ def forward(
         launches[0](x, y, r, w, b, mean, rstd, var, rm, rv, nbt)
     else:
         splits = plan.splits
-        part_count = _empty((splits, c), acc, device)
-        part_mean = _empty((splits, c), acc, device)
-        part_m2 = _empty((splits, c), acc, device)
-        pivot = _empty(c, acc, device)
-        launches[0](x, part_count, part_mean, part_m2, pivot)
-        launches[1](part_count, part_mean, part_m2, pivot, mean, rstd, var, rm, rv, nbt)
+        parts = _empty((3 * splits + 1, c), acc, device)  # counts, means, M2s, pivots (kernels/forward.py)
+        launches[0](x, parts)
+        launches[1](parts, mean, rstd, var, rm, rv, nbt)
         launches[2](x, y, r, w, b, mean, mean, rstd, mean, rstd, mean)
     if plan.separate_update:
         update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
@@ -415,18 +412,17 @@ def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     if view.m == 0 or c == 0:
         return mean.zero_(), rstd.zero_(), var.zero_()
     stats, splits = _stats_launch(x, view, replayable=False)
-    parts = _empty((3, splits, c), acc, x.device)
-    pivot = _empty(c, acc, x.device)
-    stats(x, parts[0], parts[1], parts[2], pivot)
-    _combine(parts[0], parts[1], parts[2], pivot, mean, rstd, var, eps)
+    parts = _empty((3 * splits + 1, c), acc, x.device)
+    stats(x, parts)
+    _combine(parts, splits, mean, rstd, var, eps)
     return mean, rstd, var
 
 
-def _combine(counts, means, m2s, pivot, mean, rstd, var, eps) -> None:
-    splits, c = means.shape
-    combine = _combine_launch(c, splits, eps, _pairs(momentum=0.0, bessel=1.0), _NO_RUNNING_UPDATE,
-                              _tl_acc(means.dtype), replayable=False)
-    combine(counts, means, m2s, pivot, mean, rstd, var, mean, mean, mean)
+def _combine(parts, splits, mean, rstd, var, eps) -> None:
+    """Merge [3 * splits + 1, C] partial rows (kernels/forward.py's layout) in order."""
+    combine = _combine_launch(parts.shape[1], splits, eps, _pairs(momentum=0.0, bessel=1.0), _NO_RUNNING_UPDATE,
+                              _tl_acc(parts.dtype), replayable=False)
+    combine(parts, mean, rstd, var, mean, mean, mean)
 
 
 def combine_stats(
@@ -435,8 +431,8 @@ def combine_stats(
     """(mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
     c = means.shape[1]
     mean, rstd, var = (_empty(c, means.dtype, means.device) for _ in range(3))
-    pivot = torch.zeros(c, dtype=means.dtype, device=means.device)
-    _combine(counts.contiguous(), means.contiguous(), m2s.contiguous(), pivot, mean, rstd, var, eps)
+    pivots = torch.zeros((1, c), dtype=means.dtype, device=means.device)  # the means are absolute
+    _combine(torch.cat([counts, means, m2s, pivots]), means.shape[0], mean, rstd, var, eps)
     return mean, rstd, var
 
 
@@ -599,19 +595,17 @@ def backward(
     dr = dresidual if residual_grad else dx
     launches = plan.launches
     if plan.route == "dx":
-        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, mean, rstd)
+        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, mean)  # eval: no sums are read
     elif plan.route == "one-launch":
         launches[0](x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias)
     else:
         splits, c, acc = plan.splits, plan.c, plan.acc
-        part_dy = _empty((splits, c), acc, device)
-        part_dy_xhat = _empty((splits, c), acc, device)
-        sum_dy = _empty(c, acc, device)
-        sum_dy_xhat = _empty(c, acc, device)
+        parts = _empty((2 * splits, c), acc, device)  # partial sums of dz, then of dz * xhat
+        sums = _empty((2, c), acc, device)
         dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz
-        launches[0](x, dy, r, dz, w, b, mean, rstd, part_dy, part_dy_xhat)
-        launches[1](part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, dweight, dbias)
-        launches[2](x, dy, dx, r, dr, w, b, mean, rstd, sum_dy, sum_dy_xhat)
+        launches[0](x, dy, r, dz, w, b, mean, rstd, parts)
+        launches[1](parts, sums, dweight, dbias)
+        launches[2](x, dy, dx, r, dr, w, b, mean, rstd, sums)
     return dx, dweight, dbias, dresidual
 
 
@@ -641,11 +635,11 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
         return torch.zeros((2, c), dtype=acc, device=x.device)
     reduce, splits = _reduce_launch(x, view, 0.0, {**_plain_backward_meta(x, view, None), "STORE_DZ": False},
                                     replayable=False)
-    parts = _empty((2, splits, c), acc, x.device)
-    reduce(x, dy, dy, dy, mean, mean, mean, rstd, parts[0], parts[1])
+    parts = _empty((2 * splits, c), acc, x.device)
+    reduce(x, dy, dy, dy, mean, mean, mean, rstd, parts)
     sums = _empty((2, c), acc, x.device)
     scratch = _empty((2, c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
-    _bwd_combine_launch(c, splits, replayable=False)(parts[0], parts[1], sums[0], sums[1], scratch[0], scratch[1])
+    _bwd_combine_launch(c, splits, replayable=False)(parts, sums, scratch[0], scratch[1])
     return sums
 
 
@@ -666,8 +660,8 @@ def dx_from_sums(
         return dx
     meta = {**_plain_backward_meta(x, view, weight), "TRAINING": True, "WRITE_DR": False, "DZ_STORED": False}
     w = weight.contiguous() if weight is not None else mean
-    _dx_launch(view, 1.0, 0.0, meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd, mean_dy.contiguous(),
-                                            mean_dy_xhat.contiguous())
+    sums = torch.stack([mean_dy, mean_dy_xhat])  # the dx kernel reads [2, C]
+    _dx_launch(view, 1.0, 0.0, meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd, sums)
     return dx
 
 
