@@ -220,3 +220,30 @@ def test_bias_false_sync_batch_norm_without_a_process_group():
     converted = tritonbn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm1d(3, bias=False)))
     assert type(converted[0]) is tritonbn.SyncBatchNorm and converted[0].bias is None
     assert "bias=False" in repr(converted[0])
+
+
+def test_a_tensor_that_outlived_a_functorch_transform_works_as_in_torch():
+    """The eager path calls autograd.Function's C++ apply directly (tritonbn/_ops.py): it must
+    still unwrap a dead functorch wrapper, as Function.apply does, or reading its data fails."""
+    x = torch.randn(4, 3, 5, device=DEVICE, dtype=torch.float64)
+    leaked = []
+
+    def capture(t):
+        leaked.append(t)
+        return t.sum()
+
+    torch.func.grad(capture)(x)
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    weight = torch.randn(3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    with triton_ran():
+        ours = tritonbn.functional.batch_norm(dead, None, None, weight, bias, training=True)
+    ours_grads = torch.autograd.grad(ours, (weight, bias), dy)
+    ref = F.batch_norm(x, None, None, weight, bias, training=True)
+    ref_grads = torch.autograd.grad(ref, (weight, bias), dy)
+    atol, rtol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
+    for got, want in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)

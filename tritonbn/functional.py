@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import _launch
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
-from ._ops import BatchNormFunction  # importing _ops registers the torch.ops.tritonbn ops
+from ._ops import apply_batch_norm  # importing _ops registers the torch.ops.tritonbn ops
 from .backend import MOCK_DRIVER
 from .kernels.configs import INTERPRETER
 
@@ -105,8 +105,8 @@ def _batch_norm(
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
     ):
-        return BatchNormFunction.apply(input, weight, bias, residual, (running_mean, running_var, num_batches_tracked,
-                                                                      training, eps, activation_code, slope, momentum))
+        spec = (running_mean, running_var, num_batches_tracked, training, eps, activation_code, slope, momentum)
+        return apply_batch_norm(input, weight, bias, residual, spec)
     return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation_code,
                            slope, momentum, num_batches_tracked, keep_var=False)[0]
 

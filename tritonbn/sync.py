@@ -98,39 +98,43 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        # Runs on every call: parameters and buffers read from their dicts, each once (as in
+        # tritonbn/modules.py), torch.distributed asked once.
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        buffers, parameters = self._buffers, self._parameters
+        training = self.training
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        weight, bias = parameters.get("weight"), parameters.get("bias")
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
 
-        process_group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized()
-                                               else None)
-        world_size = 1
-        distributed = dist.is_available() and dist.is_initialized()
-        if bn_training and self.training and process_group is not None and distributed:
+        process_group, world_size = None, 1
+        if bn_training and training and dist.is_available() and dist.is_initialized():
             # torch's rule: no initialised default group, no synchronisation (a module built with a
             # group and then used without torch.distributed behaves as a plain BatchNorm).
+            process_group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(process_group)
         need_sync = world_size > 1 and backend_for(input) != TORCH_NATIVE
         # Synchronised statistics have no one-value rule: other processes add values.
-        check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training and not need_sync)
+        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training and not need_sync)
         check_eps(self.eps, bn_training)  # torch's rule applies to synchronised statistics too
 
         if not need_sync and world_size > 1:
             # CPU without the interpreter: torch's own SyncBatchNorm does the work (and counts).
             return super().forward(input)
         num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                num_batches_tracked = self.num_batches_tracked
+        if training and self.track_running_stats:
+            counter = buffers.get("num_batches_tracked")
+            if counter is not None:
+                counter.add_(1)
+                if self.momentum is None:
+                    num_batches_tracked = counter
         if not need_sync:
-            return _batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+            return _batch_norm(input, running_mean, running_var, weight, bias, bn_training,
                                self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True)
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+        return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, self.eps,
                                             self.momentum, num_batches_tracked, process_group, world_size)
 
     @classmethod
