@@ -17,9 +17,15 @@ PROVIDERS = ("tritonbn", "torch", "torch.compile")
 # as torchvision writes it (F.batch_norm, `out += residual`, relu in place), eager and compiled.
 BATCH_NORM = "batch_norm"
 FUSED_OPS = ("bn_relu", "bn_add_relu")
-OPS = (BATCH_NORM, *FUSED_OPS)
+# GroupNorm (tritonbn.GroupNorm against torch.nn.GroupNorm) and GroupNorm + SiLU
+# (tritonbn.GroupNormAct, one kernel, against torch's GroupNorm then SiLU), as diffusion
+# UNets and VAEs and detection heads run them. No running statistics: no eval mode.
+GROUP_NORM = "group_norm"
+GN_OPS = (GROUP_NORM, "gn_silu")
+OPS = (BATCH_NORM, *FUSED_OPS, *GN_OPS)
 FUSED_MODES = ("forward-train", "backward", "forward+backward")  # no eval for the fused ops
-OP_TITLES = {BATCH_NORM: "BatchNorm", "bn_relu": "BN+ReLU", "bn_add_relu": "BN+add+ReLU"}
+OP_TITLES = {BATCH_NORM: "BatchNorm", "bn_relu": "BN+ReLU", "bn_add_relu": "BN+add+ReLU", GROUP_NORM: "GroupNorm",
+             "gn_silu": "GN+SiLU"}
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "channels_last")
 COPY = "copy"  # provider and mode of the one device-to-device copy row
@@ -63,6 +69,17 @@ FUSED_BYTES = {
     ("bn_add_relu", "fused"): {"forward-train": 4, "backward": 4 + 3, "forward+backward": 4 + 7},
     ("bn_add_relu", "unfused"): {"forward-train": 3 + 3 + 2, "backward": 3 + 0 + 5, "forward+backward": 8 + 8},
 }
+# GroupNorm, same units and two-pass convention (a group's statistics need all of it before any
+# output): "plain" is GroupNorm alone, any provider. GN+SiLU fused: the statistics pass reads
+# x, the normalise pass reads x and writes y (3); backward recomputes z = GN(x) from x and the
+# saved statistics, so the reduce pass reads x and dy, the dx pass reads them again and writes
+# dx (2 + 3). Unfused (torch's GroupNorm, then F.silu): forward GroupNorm 3 + SiLU 2 (read z,
+# write y); backward SiLU's reads z and dy and writes dz (3), GroupNorm's 5.
+GN_BYTES = {
+    (GROUP_NORM, "plain"): {"forward-train": 3, "backward": 5, "forward+backward": 8},
+    ("gn_silu", "fused"): {"forward-train": 3, "backward": 2 + 3, "forward+backward": 3 + 5},
+    ("gn_silu", "unfused"): {"forward-train": 3 + 2, "backward": 3 + 5, "forward+backward": 5 + 8},
+}
 # Whose bytes a provider's rows of a fused op are scored against. torch.compile gets the fused
 # model: Inductor fuses the add and the relu into its own normalise kernel (and can do no
 # better than one BatchNorm plus epilogue), so that is the least it must move.
@@ -104,6 +121,10 @@ def bytes_units(mode: str, op: str = BATCH_NORM, provider: str = "tritonbn") -> 
     """The bytes model of one row in units of E * s: BYTES, or FUSED_BYTES for the provider's version."""
     if op == BATCH_NORM:
         return BYTES[mode]
+    if op == GROUP_NORM:
+        return GN_BYTES[(op, "plain")][mode]
+    if op in GN_OPS:
+        return GN_BYTES[(op, FUSED_VERSION[provider])][mode]
     return FUSED_BYTES[(op, FUSED_VERSION[provider])][mode]
 
 
@@ -113,9 +134,10 @@ def bytes_model(mode: str, numel: int, element_size: int, op: str = BATCH_NORM, 
 
 def bytes_bound(op: str, mode: str) -> float:
     """Unfused over fused bytes: the fused op's speedup if both ran at the same bandwidth."""
-    if op == BATCH_NORM:
+    if op in (BATCH_NORM, GROUP_NORM):
         return 1.0
-    return FUSED_BYTES[(op, "unfused")][mode] / FUSED_BYTES[(op, "fused")][mode]
+    table = GN_BYTES if op in GN_OPS else FUSED_BYTES
+    return table[(op, "unfused")][mode] / table[(op, "fused")][mode]
 
 
 def op_of(row: dict) -> str:
@@ -271,6 +293,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
     fused_lines, fused_eager, fused_compile, rn50_fused = _fused_summary(rows)
     lines += fused_lines
+    lines += _group_norm_summary(rows)
     fused_target = geomean(rn50_fused)
     if smoke:
         lines.append("targets: not judged (interpreter smoke run: timings are meaningless)")
@@ -330,3 +353,43 @@ def _fused_summary(rows: list[dict]) -> tuple[list[str], list[float], list[float
     lines.append(f"fused ops geomean: vs unfused eager {_fmt(geomean(all_eager))}, "
                  f"vs torch.compile {_fmt(geomean(all_compile))}")
     return lines, all_eager, all_compile, rn50_eager
+
+
+def _group_norm_summary(rows: list[dict]) -> list[str]:
+    """GroupNorm and GN+SiLU: geomean speedups per op/mode/dtype/layout and the worst shape.
+
+    No target is judged on them yet (issue #12 sets none): the table says where tritonbn
+    stands against eager torch and torch.compile on diffusion and detection shapes.
+    """
+    tables = {op: speedups(rows, op) for op in GN_OPS}
+    if not any(tables.values()):
+        return []
+    header = (f"{'op':<12} {'mode':<17} {'dtype':<9} {'layout':<14} {'shapes':>6} {'vs eager':>9} "
+              f"{'vs compile':>10} {'bytes bound':>11}  {'worst vs eager (shape)':<34} {'best GB/s (shape)':<30}")
+    lines = ["", "GroupNorm: tritonbn GroupNorm / GroupNormAct (GN+SiLU in one kernel) vs torch's GroupNorm "
+             "(then F.silu), eager and under torch.compile",
+             "  bytes bound: unfused / fused bytes model (the speedup at equal bandwidth)",
+             header, "-" * len(header)]
+    all_eager, all_compile = [], []
+    for op in GN_OPS:
+        table = tables[op]
+        for key in sorted(table, key=_table_order):
+            mode, dtype, layout = key
+            entries = table[key]
+            eager = [e["vs_eager"] for e in entries]
+            compiled = [e["vs_compile"] for e in entries]
+            all_eager += eager
+            all_compile += compiled
+            finite = [e for e in entries if math.isfinite(e["vs_eager"])]
+            worst = min(finite, key=lambda e: e["vs_eager"]) if finite else None
+            worst_text = f"{_fmt(worst['vs_eager'])} {worst['shape_name']}" if worst else "-"
+            fast = [e for e in entries if math.isfinite(e["gbps"])]
+            best = max(fast, key=lambda e: e["gbps"]) if fast else None
+            best_text = f"{best['gbps']:.0f} {best['shape_name']}" if best else "-"
+            lines.append(f"{op:<12} {mode:<17} {dtype:<9} {layout:<14} {len(entries):>6} {_fmt(geomean(eager)):>9} "
+                         f"{_fmt(geomean(compiled)):>10} {_fmt(bytes_bound(op, mode)):>11}  {worst_text:<34} "
+                         f"{best_text:<30}")
+    lines.append("-" * len(header))
+    lines.append(f"GroupNorm ops geomean: vs eager {_fmt(geomean(all_eager))}, "
+                 f"vs torch.compile {_fmt(geomean(all_compile))}")
+    return lines

@@ -6,7 +6,8 @@ Usage::
 
 Per mode, two figures with one panel per dtype x layout for BatchNorm, and, in the three
 training modes, one more panel per dtype x layout for the fused ops (BN+ReLU and BN+add+ReLU
-side by side, against torch's unfused sequence):
+side by side, against torch's unfused sequence) and one for GroupNorm (GroupNorm and
+GN+SiLU side by side, against torch's GroupNorm and GroupNorm then SiLU):
 
 * ``gbps_<mode>.png``: modelled GB/s (perf/common.py: BYTES; the fused ops: FUSED_BYTES, each
   provider scored by its own version's bytes) per shape for each provider, with the measured
@@ -46,7 +47,9 @@ PROVIDER_COLORS = {"tritonbn": "tab:orange", "torch": "tab:blue", "torch.compile
 
 
 # Short labels of the fused ops on the shared panels' x axis.
-FUSED_LABELS = {"bn_relu": "relu", "bn_add_relu": "add+relu"}
+FUSED_LABELS = {"bn_relu": "relu", "bn_add_relu": "add+relu", "group_norm": "gn", "gn_silu": "gn+silu"}
+# The panel groups: BatchNorm, the fused BatchNorm ops (both in one), GroupNorm's ops (both in one).
+OP_GROUPS = ((common.BATCH_NORM,), common.FUSED_OPS, common.GN_OPS)
 
 
 def _file_mode(mode: str) -> str:
@@ -54,9 +57,9 @@ def _file_mode(mode: str) -> str:
 
 
 def _panels(tables: dict[str, dict], mode: str) -> list[tuple[tuple[str, ...], str, str]]:
-    """(ops, dtype, layout) of each panel: BatchNorm's first, then the fused ops' (both in one)."""
+    """(ops, dtype, layout) of each panel: BatchNorm's first, then the fused ops', then GroupNorm's."""
     panels = []
-    for ops in ((common.BATCH_NORM,), common.FUSED_OPS):
+    for ops in OP_GROUPS:
         present = {(k[3], k[4]) for op in ops for k in tables[op] if k[2] == mode and k[1] != common.COPY}
         panels += [(ops, d, lay) for d in common.DTYPES for lay in common.LAYOUTS if (d, lay) in present]
     return panels
@@ -105,6 +108,8 @@ def _panel_title(ops: tuple[str, ...], mode: str, dtype: str, layout: str) -> st
     if ops == (common.BATCH_NORM,):
         return f"{mode}, {dtype}, {layout}"
     what = " and ".join(common.OP_TITLES[op] for op in ops)
+    if ops == common.GN_OPS:
+        return f"{what} vs torch (GroupNorm, then SiLU), {mode}, {dtype}, {layout}"
     return f"fused {what} vs unfused torch, {mode}, {dtype}, {layout}"
 
 
@@ -137,8 +142,9 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
             continue
         items = {p: _items(tables, p[0], order, mode, p[1], p[2]) for p in panels}
         widest = max(len(v) for v in items.values())
-        with_fused = any(ops != (common.BATCH_NORM,) for ops, _, _ in panels)
-        also = " (and fused BN+ReLU, BN+add+ReLU)" if with_fused else ""
+        others = [common.OP_TITLES[op] for group in OP_GROUPS[1:] if any(p[0] == group for p in panels)
+                  for op in group]
+        also = f" (and {', '.join(others)})" if others else ""
 
         # GB/s per shape and provider, against the copy ceiling.
         fig, axes = _grid(len(panels), widest)
@@ -208,13 +214,13 @@ def draw(csv_path: Path, out_dir: Path | None = None) -> list[Path]:
             shown = [v for e in entries for v in (e["vs_eager"], e["vs_compile"]) if math.isfinite(v) and v > 0]
             if ops != (common.BATCH_NORM,):
                 shown += bounds
-            target = common.TARGET_GEOMEAN_VS_EAGER if ops == (common.BATCH_NORM,) else \
-                common.TARGET_FUSED_GEOMEAN_VS_EAGER
+            target = common.TARGET_FUSED_GEOMEAN_VS_EAGER if ops == common.FUSED_OPS else \
+                common.TARGET_GEOMEAN_VS_EAGER
             ax.set_ylim(min(shown + [1.0]) / 1.4, max(shown + [target]) * 1.6)
             ax.axhline(1.0, color="black", linewidth=1)
             ax.axhline(target, color="red", linestyle=":", linewidth=1,
-                       label=f"{target}x geomean target vs eager" + ("" if ops == (common.BATCH_NORM,) else
-                                                                     " (unfused)"))
+                       label=f"{target}x geomean target vs eager" + (" (unfused)" if ops == common.FUSED_OPS
+                                                                     else ""))
             ax.set_xticks(range(len(names)), _labels(names, layers), rotation=60, ha="right", fontsize=8)
             ax.set_ylabel("speedup of tritonbn (baseline p50 / tritonbn p50)")
             ax.set_title(_panel_title(ops, mode, dtype, layout), fontsize=9)

@@ -23,6 +23,12 @@ eager and under torch.compile, on the ResNet-50 shapes where the network has the
 three training modes; checked the same way first (y, running statistics, dx, dresidual,
 dweight, dbias). Their bytes model is per version (perf/common.py: FUSED_BYTES).
 
+GroupNorm (ops ``group_norm`` and ``gn_silu``, perf/gn_report.py): ``tritonbn.GroupNorm``
+against ``torch.nn.GroupNorm``, and ``tritonbn.GroupNormAct`` (GroupNorm + SiLU in one kernel)
+against torch's GroupNorm then ``F.silu``, eager and under torch.compile, on Stable Diffusion
+UNet and VAE-decoder shapes and a detection head (perf/shapes.py), in the three training
+modes; bytes models in perf/common.py: GN_BYTES.
+
 On a GPU timings are ``triton.testing.do_bench`` medians with the 20th/80th percentiles,
 inputs rotated across buffers totalling past the L2 cache. Without a GPU the same pipeline
 runs tiny shapes through Triton's interpreter (TRITON_INTERPRET=1, set here before tritonbn
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -681,9 +688,36 @@ class Report:
         """The modes to run on a case: the fused ops have no eval."""
         if case.op == common.BATCH_NORM:
             return list(self.args.modes)
-        return [m for m in self.args.modes if m in common.FUSED_MODES]
+        return [m for m in self.args.modes if m in common.FUSED_MODES]  # fused ops and GroupNorm: no eval
+
+    def time_row(self, tag: str, mode: str, provider: str, fields: dict, make) -> None:
+        """Time the step ``make()`` builds and write its row (an error row, and an issue, if it fails)."""
+        env = self.env
+        try:
+            fn = make()
+            # Compile, autotune, allocator warm-up: none of it is timed. On the CPU only
+            # torch.compile needs it (the check already ran the other two), and each
+            # interpreted call costs real seconds of the smoke run's budget.
+            for _ in range(2 if env.cuda else int(provider == "torch.compile")):
+                fn()
+            self.timer.sync()
+            p20, p50, p80 = self.timer(fn)
+            del fn
+        except Exception as exc:  # record it and go on with the next one
+            self.issues.append(f"{tag} {mode} {provider}: ERROR {type(exc).__name__}: {exc}")
+            self.log(f"ERROR {tag} {mode} {provider}:\n{traceback.format_exc()}")
+            self.sink.write(self.row(**fields, check=f"error: {type(exc).__name__}"))
+            return
+        gbps = fields["bytes_model"] / (p50 * 1e-3) / 1e9
+        self.sink.write(self.row(**fields, ms_p20=f"{p20:.6f}", ms_p50=f"{p50:.6f}", ms_p80=f"{p80:.6f}",
+                                 gbps=f"{gbps:.2f}"))
+        self.log(f"{tag:<38} {mode:<16} {provider:<13} {p50:10.4f} ms  {gbps:9.1f} GB/s  [{fields['backend']}]")
 
     def run_combo(self, case: shapes.Case, dtype_name: str, layout: str, providers: list[str]) -> None:
+        if case.op in common.GN_OPS:
+            from perf import gn_report
+
+            return gn_report.run_combo(self, case, dtype_name, layout, providers)
         from tritonbn import _launch
 
         env = self.env
@@ -751,25 +785,7 @@ class Report:
                 fields = dict(provider=provider, mode=mode, op=op, dtype=dtype_name, layout=layout,
                               shape=case.shape_str, shape_name=case.name, layers=case.layers, bytes_model=moved,
                               backend=backend, **extra)
-                try:
-                    fn = make_fn(mode, module, call, inputs, dys)
-                    # Compile, autotune, allocator warm-up: none of it is timed. On the CPU only
-                    # torch.compile needs it (check() already ran the other two), and each
-                    # interpreted call costs real seconds of the smoke run's budget.
-                    for _ in range(2 if env.cuda else int(provider == "torch.compile")):
-                        fn()
-                    self.timer.sync()
-                    p20, p50, p80 = self.timer(fn)
-                    del fn
-                except Exception as exc:  # record it and go on with the next one
-                    self.issues.append(f"{tag} {mode} {provider}: ERROR {type(exc).__name__}: {exc}")
-                    self.log(f"ERROR {tag} {mode} {provider}:\n{traceback.format_exc()}")
-                    self.sink.write(self.row(**fields, check=f"error: {type(exc).__name__}"))
-                    continue
-                gbps = moved / (p50 * 1e-3) / 1e9
-                self.sink.write(self.row(**fields, ms_p20=f"{p20:.6f}", ms_p50=f"{p50:.6f}", ms_p80=f"{p80:.6f}",
-                                         gbps=f"{gbps:.2f}"))
-                self.log(f"{tag:<38} {mode:<16} {provider:<13} {p50:10.4f} ms  {gbps:9.1f} GB/s  [{backend}]")
+                self.time_row(tag, mode, provider, fields, functools.partial(make_fn, mode, module, call, inputs, dys))
             del module, call
 
 
@@ -778,7 +794,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=common.OPS, default=list(common.OPS),
                         help="batch_norm: BatchNorm alone; bn_relu, bn_add_relu: tritonbn's fused op against "
-                        "torch's unfused sequence (training modes only). Default: all")
+                        "torch's unfused sequence (training modes only); group_norm, gn_silu: GroupNorm and "
+                        "GroupNorm + SiLU (training modes only). Default: all")
     parser.add_argument("--modes", nargs="+", choices=common.MODES, default=list(common.MODES))
     parser.add_argument("--dtypes", nargs="+", choices=common.DTYPES, default=list(common.DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=common.LAYOUTS, default=list(common.LAYOUTS))
@@ -867,9 +884,9 @@ def main(argv: list[str] | None = None) -> int:
           f"output: {csv_path}")
 
     if env.smoke:
-        cases = shapes.smoke_suite() + shapes.smoke_fused_suite()
+        cases = shapes.smoke_suite() + shapes.smoke_fused_suite() + shapes.smoke_group_norm_suite()
     else:
-        cases = shapes.gpu_suite() + shapes.gpu_fused_suite()
+        cases = shapes.gpu_suite() + shapes.gpu_fused_suite() + shapes.gpu_group_norm_suite()
     cases = [c for c in cases if c.op in args.ops]
     if args.shapes:
         cases = [c for c in cases if any(s in c.name for s in args.shapes)]

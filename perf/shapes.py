@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from perf.common import BATCH_NORM, RESNET50_BN_LAYERS, RESNET50_FUSED_LAYERS
+from perf.common import BATCH_NORM, GN_OPS, RESNET50_BN_LAYERS, RESNET50_FUSED_LAYERS
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Case:
 
     name: short label for tables and plot axes; layers: how many layers of the source
     network have this shape (and op; 1 for synthetic cases); group: which family it belongs
-    to; op: what is measured on it (perf/common.py: OPS).
+    to; op: what is measured on it (perf/common.py: OPS); groups: GroupNorm's num_groups
+    (0 for the BatchNorm ops).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Case:
     layers: int = 1
     group: str = "other"
     op: str = BATCH_NORM
+    groups: int = 0
 
     @property
     def numel(self) -> int:
@@ -126,6 +128,37 @@ def gpu_suite() -> list[Case]:
         Case("small-n2-256x14", (2, 256, 14, 14), 1, "small-batch"),
         Case("small-n8-256x14", (8, 256, 14, 14), 1, "small-batch"),
     ]
+
+
+# GroupNorm where it is hot (issue #12), GroupNorm(32) everywhere:
+# * Stable Diffusion's UNet at 64x64 latents, batch 2 (classifier-free guidance): the ResNet
+#   blocks' widths 320/640/1280 at 64/32/16;
+# * a VAE decoder at 1024x1024 output (SDXL): 32 groups of millions of elements, where a group
+#   must be split across many programs;
+# * a detection head (FCOS / RetinaNet-GN): 256 channels on the stride-8 level of an 800x1216
+#   image, batch 2 per GPU.
+GN_GPU_SHAPES = (
+    ("unet-320x64", (2, 320, 64, 64), "unet"),
+    ("unet-640x32", (2, 640, 32, 32), "unet"),
+    ("unet-1280x16", (2, 1280, 16, 16), "unet"),
+    ("vae-512x512", (1, 512, 512, 512), "vae"),
+    ("vae-128x1024", (1, 128, 1024, 1024), "vae"),
+    ("det-head-256x100x152", (2, 256, 100, 152), "detection"),
+)
+
+
+def gpu_group_norm_suite(groups: int = 32) -> list[Case]:
+    """GroupNorm and GN+SiLU on the diffusion and detection shapes."""
+    return [Case(name, shape, 1, group, op, groups) for op in GN_OPS for name, shape, group in GN_GPU_SHAPES]
+
+
+def smoke_group_norm_suite() -> list[Case]:
+    """Tiny GroupNorm shapes for the interpreter: a short one, and groups long enough to split."""
+    cases = []
+    for op in GN_OPS:
+        cases.append(Case("smoke-gn-2x8x6x6", (2, 8, 6, 6), 1, "smoke", op, 4))
+        cases.append(Case("smoke-gn-split-1x4x64x130", (1, 4, 64, 130), 1, "smoke", op, 2))
+    return cases
 
 
 def smoke_suite() -> list[Case]:
