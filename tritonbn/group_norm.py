@@ -13,6 +13,7 @@ runs tritonbn's BatchNorm kernels.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -29,6 +30,8 @@ __all__ = ["GroupNorm", "GroupNormAct", "InstanceNorm1d", "InstanceNorm2d", "Ins
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+# Keyword-only ``bias`` in torch's GroupNorm constructor (torch >= 2.13).
+_GROUP_NORM_BIAS_ARGUMENT = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +303,8 @@ class GroupNormAct(GroupNorm):
         num_groups, num_channels, eps, affine: as in :class:`GroupNorm`.
         activation: ``None``, ``"relu"``, ``"silu"`` or ``"leaky_relu"``. Default: ``"silu"``
         negative_slope: the leaky_relu slope. Default: 0.01
+        bias: with ``affine``, learn an additive bias (torch 2.13's argument; also on older
+            torch). Default: ``True``
 
     Shape:
         - Input, residual (optional): ``(N, C, *)``
@@ -312,10 +317,14 @@ class GroupNormAct(GroupNorm):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 activation: str | None = "silu", negative_slope: float = 0.01, device=None, dtype=None) -> None:
+                 activation: str | None = "silu", negative_slope: float = 0.01, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(str(a) for a in ACTIVATIONS)}, got {activation!r}")
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype,
+                         **({} if bias or not _GROUP_NORM_BIAS_ARGUMENT else {"bias": False}))
+        if not bias and affine and self.bias is not None:
+            self.register_parameter("bias", None)  # torch < 2.13 has no bias argument: the same module
         self.activation = activation
         self.negative_slope = negative_slope
 
