@@ -492,7 +492,7 @@ def _gn_bwd_dx(
 ):
     # grid: N * G * splits programs. Each folds its group's per-channel sums (in the one-launch
     # kernel's order: channel blocks in order, each in tree order), then writes its chunk's dx.
-    ng, g, _, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, part, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     nc = (tl.num_programs(0) // splits) * D  # N * C
@@ -501,7 +501,7 @@ def _gn_bwd_dx(
     for c0 in range(0, D, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_mask = c < D
-        w, _ = _affine(W, B, g * D + c, c_mask, HAS_WEIGHT, False, ACC, BLOCK_C)
+        w, b = _affine(W, B, g * D + c, c_mask, HAS_WEIGHT, False, ACC, BLOCK_C)
         sum_w_dz += _vector_total(w * tl.load(Sums + ng * D + c, mask=c_mask, other=0.0), BLOCK_C)
         sum_w_dz_xhat += _vector_total(w * tl.load(Sums + nc + ng * D + c, mask=c_mask, other=0.0), BLOCK_C)
     _dx_chunk(X, DY, R, DX, DR, W, B, base, g, D, s_begin, s_end, stride_x, mean, rstd,
