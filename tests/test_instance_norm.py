@@ -215,3 +215,16 @@ def test_channel_mismatch_without_affine_warns_like_torch():
             y = m(torch.randn(2, 4, 3, 3, device=DEVICE))
     assert y.shape == (2, 4, 3, 3)
     assert any("does not match num_features" in str(w.message) for w in caught)
+
+
+def test_running_stats_update_is_one_launch_after_the_forward():
+    m = tritonbn.InstanceNorm2d(3, track_running_stats=True).to(DEVICE)
+    x = random_bn_input((2, 3, 4, 4))
+    m(x)
+    before = tritonbn._launch.launch_count
+    m(x)
+    assert tritonbn._launch.launch_count - before == 2  # the one-launch forward, then the update
+    m.eval()
+    before = tritonbn._launch.launch_count
+    m(x)
+    assert tritonbn._launch.launch_count - before == 1  # BatchNorm's eval kernel, no update
