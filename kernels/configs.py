@@ -333,3 +333,89 @@ def rows_chunks(m: int, c: int, sm_count: int) -> tuple[int, int]:
     """(split_m, m_chunk): rows_split's programs per channel block and each one's rows."""
     split_m = rows_split(m, c, sm_count)
     return split_m, triton.cdiv(m, split_m)
+
+
+# ==============================================================================================
+# GroupNorm / InstanceNorm (kernels/group_norm.py, tritonbn/_group_launch.py)
+# ==============================================================================================
+#
+# A group is the [D, S] block of one sample's D = C / G channels (InstanceNorm: D = 1) over
+# its S spatial positions. Its tile is [BLOCK_C, BLOCK_S] when the spatial axis is contiguous
+# (NCHW-like) and [BLOCK_S, BLOCK_C] when the channel axis is (channels_last, (N, C)); the
+# contiguous axis gets as many lanes as its extent allows. The reductions' lanes follow the
+# shape (their bits never depend on a config); configs choose warps, and the pure elementwise
+# normalise pass its tile size.
+
+_GN_REDUCE = [
+    _warps(4),
+    _warps(8),
+]
+_GN_ELEMENTWISE = [
+    _config(2048, 4),
+    _config(4096, 8),
+    _config(1024, 4),
+]
+_FAMILIES["gn_reduce"] = _GN_REDUCE
+_FAMILIES["gn_elementwise"] = _GN_ELEMENTWISE
+_PRUNE["gn_elementwise"] = lambda configs, args, **kw: prune_tiles(
+    configs, {**args, **kw}["D"] * {**args, **kw}["s_chunk"])
+FAMILIES = tuple(_FAMILIES)
+REDUCING_FAMILIES = REDUCING_FAMILIES | {"gn_reduce"}
+
+# A program that owns a slice of one group should get at least this many elements (the same
+# trade-off as MIN_ELEMENTS_PER_PROGRAM). A module attribute, read when a launch plan is built
+# and part of the plan's key, so that tests can force the split route on small shapes.
+GN_MIN_ELEMENTS_PER_PROGRAM = MIN_ELEMENTS_PER_PROGRAM
+
+
+def gn_split(pairs: int, d: int, s: int, channels_last: bool, sm_count: int) -> tuple[int, int]:
+    """(splits, s_chunk): programs per (sample, group) and the spatial positions each one owns.
+
+    Few long groups (Stable Diffusion's VAE: GroupNorm(32) on (1, 128, 1024, 1024), 32 groups
+    of 4M elements) would leave most of the GPU idle with one program per group: the spatial
+    axis is then cut into chunks (multiples of SPATIAL_SPLIT_QUANTUM when spatial is the
+    contiguous axis, so every chunk starts aligned). ``(1, s)`` is the one-launch route.
+    """
+    target = sm_count * PROGRAMS_PER_SM
+    per_group = d * s
+    minimum = max(GN_MIN_ELEMENTS_PER_PROGRAM, 1)
+    if pairs >= target or per_group <= 2 * minimum or s <= 1:
+        return 1, s
+    # Chunks of a contiguous spatial axis: multiples of 16 elements at least (16-byte aligned
+    # starts for every dtype), of SPATIAL_SPLIT_QUANTUM once a chunk is long anyway.
+    quantum = 1 if channels_last else min(SPATIAL_SPLIT_QUANTUM, max(16, triton.next_power_of_2(minimum // d)))
+    split = min(triton.cdiv(target, pairs), per_group // minimum, triton.cdiv(s, quantum))
+    s_chunk = triton.cdiv(triton.cdiv(s, max(split, 1)), quantum) * quantum
+    splits = triton.cdiv(s, s_chunk)  # no empty chunk
+    return splits, s_chunk
+
+
+def gn_tile_shape(lanes: int, d: int, s_extent: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of a group tile of at most ``lanes`` elements: the contiguous axis
+    first, as wide as its extent allows, the other axis takes the rest."""
+    d2, s2 = triton.next_power_of_2(max(d, 1)), triton.next_power_of_2(max(s_extent, 1))
+    if channels_last:
+        block_c = min(d2, lanes)
+        return block_c, max(min(lanes // block_c, s2), 1)
+    block_s = min(s2, lanes)
+    return max(min(lanes // block_s, d2), 1), block_s
+
+
+def gn_reduce_tile(d: int, s_extent: int, channels_last: bool, acc) -> tuple[int, int]:
+    """A reduction's (BLOCK_C, BLOCK_S): REDUCE_TILE lanes or fewer, the shape's and dtype's only."""
+    return gn_tile_shape(_reduce_lanes(REDUCE_TILE, acc), d, s_extent, channels_last)
+
+
+GN_REDUCE_HEURISTICS = {
+    "BLOCK_C": lambda a: gn_reduce_tile(a["D"], a["s_chunk"], a["CHANNELS_LAST"], a["ACC"])[0],
+    "BLOCK_S": lambda a: gn_reduce_tile(a["D"], a["s_chunk"], a["CHANNELS_LAST"], a["ACC"])[1],
+}
+GN_ELEMENTWISE_HEURISTICS = {
+    "BLOCK_C": lambda a: gn_tile_shape(a["TILE"], a["D"], a["s_chunk"], a["CHANNELS_LAST"])[0],
+    "BLOCK_S": lambda a: gn_tile_shape(a["TILE"], a["D"], a["s_chunk"], a["CHANNELS_LAST"])[1],
+}
+
+
+def gn_chunks_grid(pairs: int, splits: int) -> tuple[int]:
+    """GroupNorm's group kernels: ``splits`` adjacent programs per (sample, group)."""
+    return (pairs * splits,)

@@ -75,6 +75,15 @@ SCENARIOS = (
     ("rows-split", (32, 64, 56, 56), "channels_last"),
     ("rows-one-launch", (512, 1024), "contiguous"),  # BatchNorm1d on (N, C)
 )
+# GroupNorm (kernels/group_norm.py), driven by tritonbn/_group_launch.py: (route, shape, memory
+# format, groups). The last one is InstanceNorm's (one channel per group: D = 1 specialises).
+GN_SCENARIOS = (
+    ("ncs-one-launch", (8, 256, 32, 32), "contiguous", 32),  # UNet-like: many short groups
+    ("ncs-split", (1, 128, 256, 256), "contiguous", 32),  # VAE-like: 32 long groups, split
+    ("rows-one-launch", (8, 512, 16, 16), "channels_last", 32),
+    ("rows-split", (1, 512, 64, 64), "channels_last", 32),
+    ("ncs-one-launch", (4, 64, 32, 32), "contiguous", 64),  # InstanceNorm2d(64)
+)
 # Negative control: a shape whose strides are not multiples of 16. Its launch loses the
 # divisibility hints, so its loads must come out scalar; if the report still found 128-bit
 # loads, the load analysis (not the kernel) would be broken.
@@ -281,6 +290,58 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
     return calls
 
 
+def _record_group_launches(dtype_name: str, scenarios=GN_SCENARIOS) -> list[Launch]:
+    """GroupNorm's launchers on meta tensors, as _record_launches drives BatchNorm's.
+
+    core: forward and backward (with and without parameter gradients) and InstanceNorm's
+    running-statistics update; extra: the fused residual + SiLU epilogue, forward and backward.
+    """
+    import torch
+
+    from tritonbn import _group_launch, _launch
+    from tritonbn.kernels import activation
+
+    dtype = getattr(torch, dtype_name)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    calls: list[Launch] = []
+    state = {"route": "", "tier": "core"}
+
+    def recorder(kernel, grid, *args, **kwargs):
+        args = tuple(_StandInPointer(a) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: _StandInPointer(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        calls.append(Launch(state["route"], state["tier"], kernel, args, kwargs))
+
+    real_launch = _launch._launch
+    _launch._launch = recorder
+    try:
+        for route, shape, memory_format, groups in scenarios:
+            fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+            x = torch.empty(shape, dtype=dtype, device="meta").to(memory_format=fmt)
+            actual = _group_launch.route(x, groups)
+            if actual != route:
+                raise RuntimeError(f"GroupNorm {shape} ({memory_format}, G={groups}) takes route {actual}, "
+                                   f"expected {route}")
+            state.update(route=f"gn-{route}", tier="core")
+            c = shape[1]
+            weight, bias = (torch.empty(c, dtype=param_dtype, device="meta") for _ in range(2))
+            params = {"x": x, "num_groups": groups, "weight": weight, "bias": bias}
+            y, mean, rstd, var = _call(_group_launch.forward, eps=1e-5, **params)
+            grads = {"dy": torch.empty_like(y), **params, "mean": mean, "rstd": rstd, "param_dtype": param_dtype}
+            _call(_group_launch.backward, param_grads=True, **grads)
+            _call(_group_launch.backward, param_grads=False, **grads)
+            if groups == c:
+                running = torch.empty(c, dtype=param_dtype, device="meta")
+                _call(_group_launch.update_instance_running_stats, running_mean=running, running_var=running,
+                      mean=mean, var=var, n=shape[0], momentum=0.1, count=math.prod(shape[2:]))
+            state["tier"] = "extra"
+            epilogue = {"residual": torch.empty_like(x), "activation": activation.SILU, "slope": 0.01}
+            _call(_group_launch.forward, eps=1e-5, **params, **epilogue)
+            _call(_group_launch.backward, param_grads=True, residual_grad=True, **grads, **epilogue)
+    finally:
+        _launch._launch = real_launch
+    return calls
+
+
 def _autotune_kind(autotuner) -> str:
     from tritonbn.kernels import configs as cfg
 
@@ -341,7 +402,7 @@ def _specialise(jit, args: tuple, kwargs: dict, target: tuple):
 def _tile_label(constexprs: dict, jit) -> str:
     names = jit.arg_names
     values = {names[k[0]]: v for k, v in constexprs.items()}
-    for a, b in (("BLOCK_N", "BLOCK_S"), ("BLOCK_M", "BLOCK_C")):
+    for a, b in (("BLOCK_N", "BLOCK_S"), ("BLOCK_M", "BLOCK_C"), ("BLOCK_C", "BLOCK_S")):
         if a in values and b in values:
             return f"{values[a]}x{values[b]}"
     return f"{values['BLOCK_C']}" if "BLOCK_C" in values else "-"
@@ -413,7 +474,7 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
         return False, cuda_targets if tier == "core" else cuda_targets[:1]
 
     for dtype in DTYPES_FULL + DTYPES_SMOKE:
-        calls = _record_launches(dtype)
+        calls = _record_launches(dtype) + _record_group_launches(dtype)
         for route, tier, kernel, args, kwargs in calls:
             every, targets = plan(dtype, tier)
             _, _, kind = _unwrap(kernel)
@@ -461,7 +522,7 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
 
 def kernel_inventory() -> set[str]:
     """Every kernel entry point of the kernels package: autotuned or heuristic-wrapped kernels,
-    and plain @triton.jit functions named ``_bn_*`` (helpers called from kernels are not)."""
+    and plain @triton.jit functions named ``_bn_*`` or ``_gn_*`` (helpers called from kernels are not)."""
     import importlib
     import pkgutil
 
@@ -474,7 +535,7 @@ def kernel_inventory() -> set[str]:
         module = importlib.import_module(f"{package.__name__}.{info.name}")
         for name, value in vars(module).items():
             wrapped = isinstance(value, (triton.runtime.autotuner.Autotuner, triton.runtime.autotuner.Heuristics))
-            if wrapped or (name.startswith("_bn_") and isinstance(value, triton.runtime.jit.JITFunction)):
+            if wrapped or (name.startswith(("_bn_", "_gn_")) and isinstance(value, triton.runtime.jit.JITFunction)):
                 found.add(name)
     return found
 

@@ -180,3 +180,9 @@ def _unfused_epilogue(output: Tensor, residual: Tensor | None, activation: str |
     if activation == "leaky_relu":
         return F.leaky_relu(output, slope)
     return output
+
+
+# GroupNorm and InstanceNorm (tritonbn/group_norm.py), imported last: that module uses the names above.
+from .group_norm import group_norm, group_norm_act, instance_norm  # noqa: E402
+
+__all__ += ["group_norm", "group_norm_act", "instance_norm"]
