@@ -276,7 +276,7 @@ def test_sync_batch_norm_outside_a_process_group_is_converted():
 
 def test_lazy_batch_norm_raises_before_anything_changes_then_converts_once_materialised():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d()).to(DEVICE)
-    with pytest.raises(ValueError, match=r"lazy BatchNorm '2' not materialised yet.*forward pass first"):
+    with pytest.raises(ValueError, match=r"lazy norm layer '2' not materialised yet.*forward pass first"):
         tritonbn.convert_model(model)
     assert type(model[0]) is nn.BatchNorm2d  # nothing converted
     assert [entry.reason for entry in tritonbn.unconverted_batch_norms(model)] == ["lazy, not materialised yet"]
@@ -299,7 +299,7 @@ def test_what_is_left_alone_is_said():
         converted = tritonbn.convert_model(model)
     assert len(record) == 1 and record[0].filename == __file__
     message = str(record[0].message)
-    assert "3 BatchNorm layer(s) left on their own code" in message
+    assert "3 norm layer(s) left on their own code" in message
     assert "2 x OwnForward (overrides forward)" in message
     assert "1 x DetectronFrozenBatchNorm (not a torch BatchNorm subclass" in message
     assert "'0', '2.0', '2.1'" in message

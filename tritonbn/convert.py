@@ -12,13 +12,21 @@ drop Identity
 timm ``BatchNormAct2d``, any other act or drop               ``tritonbn.zoo.BatchNormDropAct2d``
 timm ``SyncBatchNormAct``                                    ``tritonbn.zoo.SyncBatchNormDropAct``
 torchvision ``FrozenBatchNorm2d``, timm ``FrozenBatchNormAct2d``  ``tritonbn.FrozenBatchNorm2d``
+torch ``GroupNorm`` and plain subclasses; timm ``GroupNorm``,  ``tritonbn.GroupNorm``
+``GroupNorm1``
+timm ``GroupNormAct`` / ``GroupNorm1Act``, act ReLU/SiLU/      ``tritonbn.GroupNormAct`` (fused)
+LeakyReLU/Identity, drop Identity
+timm ``GroupNormAct`` / ``GroupNorm1Act``, any other act       ``tritonbn.zoo.GroupNormDropAct``
+torch ``InstanceNorm1d/2d/3d`` and plain subclasses;         ``tritonbn.InstanceNorm1d/2d/3d``
+``LazyInstanceNorm*d`` once materialised
 ==========================================================  =========================================
 
-Left alone, and named in a warning: subclasses of torch's BatchNorm that override a method
-(their forward may compute anything: timm's ``SplitBatchNorm2d``), and BatchNorm-like
-classes tritonbn does not know (a class named ``*BatchNorm*`` that is not a torch BatchNorm,
-e.g. detectron2's FrozenBatchNorm2d, whose arithmetic differs from torchvision's). An
-unmaterialised ``LazyBatchNorm*d`` raises before anything is converted.
+Left alone, and named in a warning: subclasses of torch's BatchNorm, GroupNorm or
+InstanceNorm that override a method (their forward may compute anything: timm's
+``SplitBatchNorm2d``), and norm classes tritonbn does not know (a class named
+``*BatchNorm*``, ``*GroupNorm*`` or ``*InstanceNorm*`` that is not torch's, e.g. detectron2's
+FrozenBatchNorm2d, whose arithmetic differs from torchvision's). An unmaterialised
+``LazyBatchNorm*d`` / ``LazyInstanceNorm*d`` raises before anything is converted.
 """
 
 from __future__ import annotations
@@ -30,18 +38,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ._compat import bias_kwargs
 from ._state import move_state
+from .group_norm import GroupNorm, GroupNormAct, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, _BatchNormActMixin, _TritonBatchNormMixin
 from .sync import SyncBatchNorm
 from .zoo import (
     BatchNormDropAct2d,
     FrozenBatchNorm2d,
+    GroupNormDropAct,
     SyncBatchNormDropAct,
     is_frozen_batch_norm,
     is_timm_batch_norm_act,
+    is_timm_group_norm,
+    is_timm_group_norm_act,
     is_timm_sync_batch_norm_act,
 )
 
@@ -49,6 +62,9 @@ __all__ = ["LeftAlone", "convert_model", "move_state", "unconverted_batch_norms"
 
 _PLAIN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
 _TORCH_BASES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCE = {nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d, nn.InstanceNorm3d: InstanceNorm3d}
+# tritonbn's own group and instance norms: already converted.
+_TRITON_GROUP_NORMS = (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d)
 
 # timm activation modules the fused kernel applies: exact torch classes -> kernel activation.
 _FUSABLE_ACTS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.LeakyReLU: "leaky_relu", nn.Identity: None}
@@ -86,7 +102,8 @@ def _overridden(cls: type, base: type) -> list[str]:
 
 
 def _fusable_activation(module: nn.Module) -> tuple[str | None, float] | None:
-    """(activation, slope) of timm's BatchNormAct2d when the fused kernel can apply its drop + act."""
+    """(activation, slope) of timm's BatchNormAct2d or GroupNormAct when the fused kernel can
+    apply its drop + act."""
     if type(module.drop) is not nn.Identity or type(module.act) not in _FUSABLE_ACTS:
         return None
     act = module.act
@@ -114,6 +131,9 @@ def _decide(module: nn.Module, sync: bool) -> str | None:
         return "convert" if sync else None
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy"
+    group_norm = _decide_group_norm(module)
+    if group_norm != "not one":
+        return group_norm
     if is_timm_batch_norm_act(module) or is_timm_sync_batch_norm_act(module) or is_frozen_batch_norm(module):
         return "convert"
     if isinstance(module, _BatchNorm):
@@ -129,6 +149,46 @@ def _decide(module: nn.Module, sync: bool) -> str | None:
     return None
 
 
+def _decide_group_norm(module: nn.Module) -> str | None:
+    """_decide for group and instance norms; "not one" for any other module."""
+    if isinstance(module, _TRITON_GROUP_NORMS):
+        return None
+    if is_timm_group_norm(module) or is_timm_group_norm_act(module):
+        return "convert"
+    if isinstance(module, nn.GroupNorm):
+        overrides = _overridden(type(module), nn.GroupNorm)
+        return f"overrides {', '.join(overrides)}" if overrides else "convert"
+    if isinstance(module, _InstanceNorm):
+        base = next((b for b in type(module).__mro__ if b in _INSTANCE), None)
+        if base is None:
+            return "a torch _InstanceNorm not derived from InstanceNorm1d/2d/3d"
+        overrides = _overridden(type(module), base)
+        return f"overrides {', '.join(overrides)}" if overrides else "convert"
+    name = type(module).__name__
+    if "GroupNorm" in name or "InstanceNorm" in name:
+        return "not a torch GroupNorm/InstanceNorm subclass, and tritonbn does not know its arithmetic"
+    return "not one"
+
+
+def _group_norm_replacement(module: nn.Module) -> nn.Module:
+    """tritonbn's module for a group or instance norm ``_decide_group_norm`` converts."""
+    if isinstance(module, _InstanceNorm):
+        base = next(b for b in type(module).__mro__ if b in _INSTANCE)
+        new = _INSTANCE[base](module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, device="meta")
+        return move_state(module, new)
+    args = (module.num_groups, module.num_channels, module.eps, module.affine)
+    if is_timm_group_norm_act(module):
+        fused = _fusable_activation(module)
+        if fused is not None:
+            new = GroupNormAct(*args, device="meta", activation=fused[0], negative_slope=fused[1])
+        else:
+            new = GroupNormDropAct(*args, device="meta", drop=module.drop, act=module.act)
+    else:
+        new = GroupNorm(*args, device="meta")
+    return move_state(module, new)  # a bias=False module's None bias comes along
+
+
 def _drop_act(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The (drop, act) modules ``module`` applies after its batch norm, if any."""
     if isinstance(module, _BatchNormActMixin):
@@ -140,6 +200,8 @@ def _drop_act(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def _replacement(module: nn.Module, sync: bool, process_group) -> nn.Module:
+    if isinstance(module, (nn.GroupNorm, _InstanceNorm)):
+        return _group_norm_replacement(module)
     if is_frozen_batch_norm(module):
         drop, act = getattr(module, "drop", None), getattr(module, "act", None)
         new = FrozenBatchNorm2d(module.weight.shape[0], module.eps, drop=drop, act=act, device="meta")
@@ -216,7 +278,7 @@ def convert_tree(module: nn.Module, sync: bool = False, process_group=None, prot
     if lazy:
         names = ", ".join(repr(name) for name in lazy)
         raise ValueError(
-            f"tritonbn.{caller}: lazy BatchNorm {names} not materialised yet (the number of features is unknown "
+            f"tritonbn.{caller}: lazy norm layer {names} not materialised yet (the number of features is unknown "
             "until a first forward). Run one forward pass first (in eval mode, so no statistics change), then convert."
         )
     memo: dict[int, nn.Module] = {}
@@ -246,7 +308,7 @@ def convert_tree(module: nn.Module, sync: bool = False, process_group=None, prot
         listing = "; ".join(f"{n} x {cls} ({reason})" for (cls, reason), n in sorted(counts.items()))
         names = ", ".join(repr(entry.name) for entry in left[:5]) + (", ..." if len(left) > 5 else "")
         warnings.warn(
-            f"tritonbn.{caller}: {len(left)} BatchNorm layer(s) left on their own code, not tritonbn's: {listing}. "
+            f"tritonbn.{caller}: {len(left)} norm layer(s) left on their own code, not tritonbn's: {listing}. "
             f"Where: {names}. See tritonbn.unconverted_batch_norms().",
             UserWarning, stacklevel=stacklevel,
         )
@@ -254,7 +316,7 @@ def convert_tree(module: nn.Module, sync: bool = False, process_group=None, prot
 
 
 def convert_model(module: torch.nn.Module, sync: bool = False, process_group=None) -> torch.nn.Module:
-    """Replace every BatchNorm in ``module`` by tritonbn's, in place.
+    """Replace every BatchNorm, GroupNorm and InstanceNorm in ``module`` by tritonbn's, in place.
 
     Converted (see this module's docstring for the full table): torch's ``BatchNorm1d/2d/3d``
     and ``SyncBatchNorm`` and their subclasses that override no method; materialised
@@ -262,10 +324,14 @@ def convert_model(module: torch.nn.Module, sync: bool = False, process_group=Non
     :class:`tritonbn.BatchNormAct2d` when its activation is ReLU, SiLU, LeakyReLU or
     Identity and its drop is Identity, else to tritonbn's BatchNorm followed by timm's own
     drop and act) and ``SyncBatchNormAct``; torchvision's ``FrozenBatchNorm2d`` and timm's
-    ``FrozenBatchNormAct2d`` (to :class:`tritonbn.FrozenBatchNorm2d`). With ``sync=True``,
+    ``FrozenBatchNormAct2d`` (to :class:`tritonbn.FrozenBatchNorm2d`); torch's ``GroupNorm``
+    and ``InstanceNorm1d/2d/3d`` and their plain subclasses, timm's ``GroupNorm(1)`` and
+    ``GroupNorm(1)Act`` (to :class:`tritonbn.GroupNorm`, :class:`tritonbn.GroupNormAct`,
+    :class:`tritonbn.InstanceNorm2d` etc.). With ``sync=True``,
     every BatchNorm (torch's or tritonbn's, frozen ones excepted) becomes a
     :class:`tritonbn.SyncBatchNorm` over ``process_group`` (followed by its drop and
-    activation modules, if it had any).
+    activation modules, if it had any); group and instance norms, whose statistics are per
+    sample, need no synchronisation and convert as without it.
 
     Parameters and buffers are moved over as the same objects, keeping values,
     ``requires_grad``, device and dtype (and a ``bias=False`` module's missing bias); the

@@ -1,4 +1,9 @@
-"""fuse_model: rewrite BatchNorm -> activation and BatchNorm -> add -> activation into BatchNormAct modules.
+"""fuse_model: rewrite BatchNorm / GroupNorm -> (add ->) activation into BatchNormAct / GroupNormAct modules.
+
+GroupNorm follows the same rules as BatchNorm below: a ``torch.nn.GroupNorm`` (or tritonbn's)
+whose output only feeds an activation (or an add that only feeds one) becomes a
+:class:`tritonbn.GroupNormAct` under its own name, as diffusion models write it
+(``h = self.nonlinearity(self.norm1(h))`` or ``F.silu(self.norm(h))``).
 
 A ``torch.fx`` pass. It traces the model, finds each BatchNorm call whose only consumer is an
 activation (ReLU, SiLU or LeakyReLU, as a module, a function or a tensor method, in place or
@@ -35,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ._compat import bias_kwargs
 from .convert import convert_tree, move_state
+from .group_norm import GroupNorm, GroupNormAct
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .zoo import FrozenBatchNorm2d, is_frozen_batch_norm
 
@@ -52,6 +59,9 @@ _FUSED_CLASS = {
     BatchNorm1d: BatchNormAct1d,
     BatchNorm2d: BatchNormAct2d,
     BatchNorm3d: BatchNormAct3d,
+    # GroupNorm -> activation (every diffusion ResNet block): GroupNormAct.
+    torch.nn.GroupNorm: GroupNormAct,
+    GroupNorm: GroupNormAct,
 }
 
 _ACTIVATION_MODULES = {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.LeakyReLU: "leaky_relu"}
@@ -77,7 +87,7 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with every BatchNorm (frozen ones too) a leaf.
+    """torch.fx's tracer, with every BatchNorm (frozen ones too), GroupNorm and InstanceNorm a leaf.
 
     tritonbn's BatchNorms check the input's rank in Python, which a traced value cannot
     answer; keeping all of them as call_module nodes is also what the pattern needs, and what
@@ -86,8 +96,8 @@ class _Tracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return (isinstance(m, (_BatchNorm, FrozenBatchNorm2d)) or is_frozen_batch_norm(m)
-                or super().is_leaf_module(m, module_qualified_name))
+        return (isinstance(m, (_BatchNorm, FrozenBatchNorm2d, torch.nn.GroupNorm, _InstanceNorm))
+                or is_frozen_batch_norm(m) or super().is_leaf_module(m, module_qualified_name))
 
 
 @dataclass
@@ -106,7 +116,8 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     Each such BatchNorm (``torch.nn.BatchNorm1d/2d/3d`` or tritonbn's, exactly those types;
     not SyncBatchNorm) becomes a :class:`tritonbn.BatchNormAct1d/2d/3d` computing
     ``act(bn(x) + residual)`` in one kernel, under the BatchNorm's qualified name, with the
-    same Parameter and buffer objects and training flag. Patterns:
+    same Parameter and buffer objects and training flag; each such ``torch.nn.GroupNorm`` (or
+    :class:`tritonbn.GroupNorm`) a :class:`tritonbn.GroupNormAct`. Patterns:
 
     * activation: ``nn.ReLU``, ``nn.SiLU``, ``nn.LeakyReLU`` modules (shared modules are fine),
       ``F.relu``, ``torch.relu``, ``F.relu_``, ``Tensor.relu(_)``, ``F.silu``,
@@ -125,9 +136,10 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     a broadcasting add is fused only if nothing shows it is not a tensor, and then raises a
     clear error at run time.
 
-    Then every BatchNorm that was not fused is converted as :func:`tritonbn.convert_model`
-    converts it (a downsample's BatchNorm, a SyncBatchNorm, timm's ``BatchNormAct2d`` (fused
-    with its own activation when the kernel has it), torchvision's ``FrozenBatchNorm2d``,
+    Then every BatchNorm (and GroupNorm, InstanceNorm) that was not fused is converted as
+    :func:`tritonbn.convert_model` converts it (a downsample's BatchNorm, a SyncBatchNorm,
+    timm's ``BatchNormAct2d`` (fused with its own activation when the kernel has it),
+    torchvision's ``FrozenBatchNorm2d``,
     ...), so the fused model runs no torch batch norm; what cannot be converted is named in a
     warning. torchvision's ``Conv2dNormActivation`` blocks are Sequentials of conv, norm and
     activation: their BatchNorm -> ReLU/SiLU is fused like any other.
@@ -161,7 +173,8 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _fuse(module: torch.nn.Module, name: str, depth: int) -> torch.nn.Module:
-    if isinstance(module, _BatchNorm) or not any(type(m) in _FUSED_CLASS for m in module.modules()):
+    if isinstance(module, (_BatchNorm, torch.nn.GroupNorm)) or not any(type(m) in _FUSED_CLASS
+                                                                        for m in module.modules()):
         return module
     if type(module).forward is not torch.nn.Module.forward:  # containers (ModuleList, ModuleDict) have none
         try:
@@ -215,12 +228,16 @@ def _fuse_graph(gm: fx.GraphModule) -> int:
         if match is None:
             continue
         bn = modules[node.target]
-        new = _FUSED_CLASS[type(bn)](
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
-            activation=match.activation, negative_slope=match.slope,
-            **bias_kwargs(not bn.affine or bn.bias is not None),
-        )
-        move_state(bn, new)
+        if isinstance(bn, torch.nn.GroupNorm):
+            new = GroupNormAct(bn.num_groups, bn.num_channels, bn.eps, bn.affine, device="meta",
+                               activation=match.activation, negative_slope=match.slope)
+        else:
+            new = _FUSED_CLASS[type(bn)](
+                bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta",
+                activation=match.activation, negative_slope=match.slope,
+                **bias_kwargs(not bn.affine or bn.bias is not None),
+            )
+        move_state(bn, new)  # a None bias comes along
         gm.add_submodule(node.target, new)
 
         # At the activation's place: the residual may be computed after the BatchNorm

@@ -8,6 +8,11 @@
 * torchvision's ``FrozenBatchNorm2d`` (detection backbones) and timm's
   ``FrozenBatchNormAct2d`` become :class:`FrozenBatchNorm2d`, whose elementwise pass is
   tritonbn's normalise kernel computing exactly torchvision's ``x * scale + shift``.
+* timm's ``GroupNorm`` and ``GroupNorm1`` (torch's GroupNorm, with a "fast norm" option that
+  only changes precision under autocast) become :class:`tritonbn.GroupNorm`; timm's
+  ``GroupNormAct`` and ``GroupNorm1Act`` become :class:`tritonbn.GroupNormAct` when the kernel
+  applies their activation, else :class:`GroupNormDropAct` (tritonbn's GroupNorm, then timm's
+  own ``drop`` and ``act``).
 
 Neither timm nor torchvision is a dependency: their classes are recognised by the module
 that defines them and their name (``type(m).__module__``, ``__qualname__``), never imported.
@@ -21,10 +26,11 @@ from torch import Tensor, nn
 from . import _launch
 from ._compat import bias_kwargs
 from .backend import TORCH_NATIVE, backend_for
+from .group_norm import GroupNorm
 from .modules import BatchNorm2d
 from .sync import SyncBatchNorm
 
-__all__ = ["BatchNormDropAct2d", "FrozenBatchNorm2d", "SyncBatchNormDropAct"]
+__all__ = ["BatchNormDropAct2d", "FrozenBatchNorm2d", "GroupNormDropAct", "SyncBatchNormDropAct"]
 
 
 def _defined_by(module: nn.Module, package: str, name: str) -> bool:
@@ -50,6 +56,44 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
     """
     return _defined_by(module, "torchvision", "FrozenBatchNorm2d") or _defined_by(module, "timm",
                                                                                    "FrozenBatchNormAct2d")
+
+
+def is_timm_group_norm(module: nn.Module) -> bool:
+    """timm's ``GroupNorm`` / ``GroupNorm1`` (timm.layers.norm): F.group_norm, channels first in the constructor."""
+    return _defined_by(module, "timm", "GroupNorm") or _defined_by(module, "timm", "GroupNorm1")
+
+
+def is_timm_group_norm_act(module: nn.Module) -> bool:
+    """timm's ``GroupNormAct`` / ``GroupNorm1Act`` (timm.layers.norm_act): group norm, then ``drop``, ``act``."""
+    return _defined_by(module, "timm", "GroupNormAct") or _defined_by(module, "timm", "GroupNorm1Act")
+
+
+class GroupNormDropAct(GroupNorm):
+    r"""tritonbn's GroupNorm followed by a ``drop`` and an ``act`` module: ``act(drop(GN(x)))``.
+
+    What timm's ``GroupNormAct`` becomes when its activation is not one the fused kernel
+    applies (GELU, hard-swish, ...) or its ``drop`` is not ``nn.Identity``. Same parameters,
+    children and state_dict keys as timm's module.
+
+    Args:
+        num_groups, num_channels, eps, affine: as in :class:`torch.nn.GroupNorm`.
+        drop, act: modules applied after the group norm, in that order; ``nn.Identity()``
+            when ``None``.
+
+    Example::
+
+        >>> m = tritonbn.zoo.GroupNormDropAct(8, 64, act=torch.nn.GELU()).cuda()
+        >>> y = m(torch.randn(2, 64, 32, 32, device="cuda"))
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None,
+                 dtype=None, *, drop: nn.Module | None = None, act: nn.Module | None = None) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(input)))
 
 
 class BatchNormDropAct2d(BatchNorm2d):
