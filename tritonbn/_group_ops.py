@@ -24,6 +24,7 @@ from . import _group_launch
 from ._checks import ACTIVATIONS
 from ._launch import accumulation_dtype
 from ._layout import canonical_input
+from ._ops import c_apply, transforms_active, unwrap_if_dead
 
 
 @torch.library.custom_op("tritonbn::group_norm_fwd", mutates_args=())
@@ -192,6 +193,24 @@ class GroupNormFunction(torch.autograd.Function):
         # inputs: input 0, num_groups 1, weight 2, bias 3, residual 4, spec 5
         dx, dweight, dbias, dresidual = _grads(ctx, grad_output, _group_launch.backward, 4)
         return dx, None, dweight, dbias, dresidual, None
+
+
+_function_apply = c_apply(GroupNormFunction)
+
+
+def apply_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+                     residual: Tensor | None, spec: tuple) -> Tensor:
+    """``GroupNormFunction.apply`` without its Python wrapper (see tritonbn/_ops.py's
+    apply_batch_norm): dead functorch wrappers unwrapped, transforms take the wrapper."""
+    if transforms_active():
+        return GroupNormFunction.apply(input, num_groups, weight, bias, residual, spec)
+    return _function_apply(
+        unwrap_if_dead(input), num_groups,
+        None if weight is None else unwrap_if_dead(weight),
+        None if bias is None else unwrap_if_dead(bias),
+        None if residual is None else unwrap_if_dead(residual),
+        spec,
+    )
 
 
 def update_instance_running_stats(input: Tensor, running: tuple, mean: Tensor, var: Tensor) -> None:

@@ -192,11 +192,16 @@ class BatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, grad_residual, None
 
 
-# torch._C._FunctionBase.apply: Function.apply without its Python wrapper, which binds
-# arguments for setup_context (this Function has none) and routes functorch transforms.
-_function_apply = super(torch.autograd.Function, BatchNormFunction).apply
-_transforms_active = torch._C._are_functorch_transforms_active
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+def c_apply(function: type) -> object:
+    """``function``'s torch._C._FunctionBase.apply: Function.apply without its Python wrapper
+    (torch < 2.14), which binds arguments for setup_context (tritonbn's Functions define none)
+    and routes functorch transforms; torch 2.14 made Function.apply this very method."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
+
+
+_function_apply = c_apply(BatchNormFunction)
+transforms_active = torch._C._are_functorch_transforms_active
+unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def apply_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
@@ -204,13 +209,13 @@ def apply_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, 
     """``BatchNormFunction.apply``, at a quarter of the wrapper's host cost: what the wrapper
     does for a Function without setup_context (unwrap tensors that outlived a functorch
     transform) is done here; under an active transform the wrapper runs."""
-    if _transforms_active():
+    if transforms_active():
         return BatchNormFunction.apply(input, weight, bias, residual, spec)
     return _function_apply(
-        _unwrap_if_dead(input),
-        None if weight is None else _unwrap_if_dead(weight),
-        None if bias is None else _unwrap_if_dead(bias),
-        None if residual is None else _unwrap_if_dead(residual),
+        unwrap_if_dead(input),
+        None if weight is None else unwrap_if_dead(weight),
+        None if bias is None else unwrap_if_dead(bias),
+        None if residual is None else unwrap_if_dead(residual),
         spec,
     )
 

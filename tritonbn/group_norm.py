@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _group_launch
 from ._checks import ACTIVATIONS, _dtype_name, check_fusion_args
-from ._group_ops import GroupNormFunction, update_instance_running_stats
+from ._group_ops import apply_group_norm, update_instance_running_stats
 from .functional import _ALWAYS_TRITON, _batch_norm, _unfused_epilogue
 
 __all__ = ["GroupNorm", "GroupNormAct", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "group_norm",
@@ -56,8 +56,27 @@ def _check_param(name: str, tensor: Tensor | None, input: Tensor) -> None:
         )
 
 
+def _group_norm_well_formed(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """True when check_group_norm_args would not raise: it runs on every call, host cost matters."""
+    dtype = input.dtype
+    if input.dim() < 2 or dtype not in _SUPPORTED_DTYPES or num_groups <= 0:
+        return False
+    channels = input.shape[1]
+    if channels % num_groups or input.numel() == num_groups:  # one value per group
+        return False
+    device = input.device
+    for tensor in (weight, bias):
+        if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels or tensor.device != device
+                                   or (tensor.dtype != dtype and not (dtype in _HALF_TYPES
+                                                                      and tensor.dtype == torch.float32))):
+            return False
+    return True
+
+
 def check_group_norm_args(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
     """Raise what ``F.group_norm`` raises for these arguments (before anything runs)."""
+    if _group_norm_well_formed(input, num_groups, weight, bias):
+        return
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     # F.group_norm's _verify_batch_size (a ZeroDivisionError for num_groups=0, as in torch).
@@ -196,7 +215,7 @@ def _group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Ten
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
     ):
-        return GroupNormFunction.apply(input, num_groups, weight, bias, residual, (eps, code, slope, running))
+        return apply_group_norm(input, num_groups, weight, bias, residual, (eps, code, slope, running))
     y, mean, _, var = _group_launch.forward(input, num_groups, weight, bias, eps, residual, code, slope,
                                             keep_var=running is not None)
     if running is not None:
