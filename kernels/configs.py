@@ -406,6 +406,25 @@ def gn_reduce_tile(d: int, s_extent: int, channels_last: bool, acc) -> tuple[int
     return gn_tile_shape(_reduce_lanes(REDUCE_TILE, acc), d, s_extent, channels_last)
 
 
+def _prune_gn_reduce(configs: list[triton.Config], args: dict, **kwargs) -> list[triton.Config]:
+    """Warps that leave each thread at least 8 elements of the reduction tile: fewer would give
+    a 16-bit input 64-bit loads (a 1024-lane tile at 8 warps: InstanceNorm on 32 x 32). The
+    tile follows the shape, so this changes no bits."""
+    named = {**args, **kwargs}
+    block_c, block_s = gn_reduce_tile(named["D"], named["s_chunk"], named["CHANNELS_LAST"], named["ACC"])
+    kept = [config for config in configs if config.num_warps * 32 * 8 <= block_c * block_s]
+    return kept or configs[:1]
+
+
+_PRUNE["gn_reduce"] = _prune_gn_reduce
+
+
+def runtime_configs(kind: str, args: dict) -> list[triton.Config]:
+    """The configs of ``kind`` that tuning tries for a launch with these named arguments (its
+    family's pruning applied): what perf/static_checks.py compiles for that launch."""
+    return _PRUNE[kind](all_configs(kind), args) if kind in _PRUNE else all_configs(kind)
+
+
 GN_REDUCE_HEURISTICS = {
     "BLOCK_C": lambda a: gn_reduce_tile(a["D"], a["s_chunk"], a["CHANNELS_LAST"], a["ACC"])[0],
     "BLOCK_S": lambda a: gn_reduce_tile(a["D"], a["s_chunk"], a["CHANNELS_LAST"], a["ACC"])[1],

@@ -318,6 +318,13 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
+def _worst_text(entries: list[dict]) -> str:
+    """The shape where tritonbn is slowest against eager torch, and that speedup."""
+    finite = [e for e in entries if math.isfinite(e["vs_eager"])]
+    worst = min(finite, key=lambda e: e["vs_eager"]) if finite else None
+    return f"{_fmt(worst['vs_eager'])} {worst['shape_name']}" if worst else "-"
+
+
 def _fused_summary(rows: list[dict]) -> tuple[list[str], list[float], list[float], list[float]]:
     """The fused ops' part of the summary: lines, and every speedup vs eager / vs torch.compile
     (and vs eager on ResNet-50 shapes alone, what the target is judged on)."""
@@ -342,9 +349,7 @@ def _fused_summary(rows: list[dict]) -> tuple[list[str], list[float], list[float
             all_eager += eager
             all_compile += compiled
             rn50_eager += [e["vs_eager"] for e in entries if e["shape_name"].startswith("rn50-")]
-            finite = [e for e in entries if math.isfinite(e["vs_eager"])]
-            worst = min(finite, key=lambda e: e["vs_eager"]) if finite else None
-            worst_text = f"{_fmt(worst['vs_eager'])} {worst['shape_name']}" if worst else "-"
+            worst_text = _worst_text(entries)
             rn50 = _rn50_net(entries, RESNET50_FUSED_LAYERS[op])
             lines.append(f"{op:<12} {mode:<17} {dtype:<9} {layout:<14} {len(entries):>6} {_fmt(geomean(eager)):>9} "
                          f"{_fmt(geomean(compiled)):>10} {_fmt(rn50):>8} {_fmt(bytes_bound(op, mode)):>11}  "
@@ -380,9 +385,7 @@ def _group_norm_summary(rows: list[dict]) -> list[str]:
             compiled = [e["vs_compile"] for e in entries]
             all_eager += eager
             all_compile += compiled
-            finite = [e for e in entries if math.isfinite(e["vs_eager"])]
-            worst = min(finite, key=lambda e: e["vs_eager"]) if finite else None
-            worst_text = f"{_fmt(worst['vs_eager'])} {worst['shape_name']}" if worst else "-"
+            worst_text = _worst_text(entries)
             fast = [e for e in entries if math.isfinite(e["gbps"])]
             best = max(fast, key=lambda e: e["gbps"]) if fast else None
             best_text = f"{best['gbps']:.0f} {best['shape_name']}" if best else "-"

@@ -482,7 +482,10 @@ def build_variants(quick: bool = False, amd: bool = True) -> list[Variant]:
                 if kind is None:
                     add(route, kernel, args, kwargs, dtype, target)
                     continue
-                for config in cfg.all_configs(kind) if every else cfg.all_configs(kind)[:1]:
+                # The configs tuning tries for this launch (its family's pruning applied).
+                named = {**dict(zip(_unwrap(kernel)[0].arg_names, args)), **kwargs}
+                tried = cfg.runtime_configs(kind, named)
+                for config in tried if every else tried[:1]:
                     add(route, kernel, args, kwargs, dtype, target, config)
         if dtype != "float32":
             continue

@@ -115,3 +115,24 @@ def test_tuned_kernels_touch_running_statistics_only_behind_their_in_place_flag(
     assert updating == {"_bn_fwd_one_launch_ncs", "_bn_fwd_one_launch_rows"}
     assert not isinstance(running_stats._bn_update_running_stats, Autotuner)
     assert not isinstance(forward._bn_fwd_combine, Autotuner)
+
+
+@pytest.mark.parametrize("d, s_chunk, channels_last, eight_warps", [
+    (1, 1024, False, False),  # InstanceNorm on 32 x 32: a 1024-lane tile
+    (1, 64, False, False),  # a tile smaller than one warp's 8-element share: the first config stays
+    (4, 4096, False, True),
+    (16, 4096, True, True),
+    (32, 1 << 20, False, True),  # a VAE group: every config
+])
+def test_group_norm_reductions_keep_8_elements_per_thread(d, s_chunk, channels_last, eight_warps):
+    """Tuning only tries warps that leave each thread 8 elements of the (shape-given)
+    reduction tile, so a 16-bit input keeps 128-bit loads; the static sweep compiles the same
+    set (configs.runtime_configs)."""
+    import triton.language as tl
+
+    args = {"D": d, "s_chunk": s_chunk, "CHANNELS_LAST": channels_last, "ACC": tl.float32}
+    block_c, block_s = cfg.gn_reduce_tile(d, s_chunk, channels_last, tl.float32)
+    kept = cfg.runtime_configs("gn_reduce", args)
+    allowed = [c for c in cfg.all_configs("gn_reduce") if c.num_warps * 32 * 8 <= block_c * block_s]
+    assert kept == (allowed or cfg.all_configs("gn_reduce")[:1])
+    assert (8 in {c.num_warps for c in kept}) == eight_warps

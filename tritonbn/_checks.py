@@ -67,13 +67,7 @@ def check_batch_norm_args(
             continue
         if tensor.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
-        if tensor.device != input.device:
-            raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
-        if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
-            raise RuntimeError(
-                f"mixed dtype: expected {name} to have scalar type {input.dtype}"
-                f"{' or torch.float32' if input.dtype in _HALF_TYPES else ''}, got {tensor.dtype}"
-            )
+        check_param_device_and_dtype(name, tensor, input)
     if not training:
         for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
             if tensor is None:
@@ -122,6 +116,20 @@ def _all_well_formed(input, running_mean, running_var, weight, bias, training) -
             return False
         return input.numel() != channels  # more than one value per channel (or none at all)
     return running_mean is not None and running_var is not None
+
+
+def check_param_device_and_dtype(name: str, tensor: torch.Tensor | None, input: torch.Tensor) -> None:
+    """torch's errors for a per-channel tensor on another device, or of another dtype than the
+    input's (float32 is allowed beside a half input)."""
+    if tensor is None:
+        return
+    if tensor.device != input.device:
+        raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
+    if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
+        raise RuntimeError(
+            f"mixed dtype: expected {name} to have scalar type {input.dtype}"
+            f"{' or torch.float32' if input.dtype in _HALF_TYPES else ''}, got {tensor.dtype}"
+        )
 
 
 def check_fusion_args(input: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _group_launch
-from ._checks import ACTIVATIONS, _dtype_name, check_fusion_args
+from ._checks import ACTIVATIONS, _dtype_name, check_fusion_args, check_param_device_and_dtype
 from ._group_ops import apply_group_norm, update_instance_running_stats
 from .functional import _ALWAYS_TRITON, _batch_norm, _unfused_epilogue
 
@@ -42,18 +42,6 @@ _GROUP_NORM_BIAS_ARGUMENT = "bias" in inspect.signature(torch.nn.GroupNorm.__ini
 def _check_dtype(input: Tensor, op: str) -> None:
     if input.dtype not in _SUPPORTED_DTYPES:
         raise NotImplementedError(f"\"{op}\" not implemented for '{_dtype_name(input.dtype)}'")
-
-
-def _check_param(name: str, tensor: Tensor | None, input: Tensor) -> None:
-    if tensor is None:
-        return
-    if tensor.device != input.device:
-        raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
-    if tensor.dtype != input.dtype and not (input.dtype in _HALF_TYPES and tensor.dtype == torch.float32):
-        raise RuntimeError(
-            f"mixed dtype: expected {name} to have scalar type {input.dtype}"
-            f"{' or torch.float32' if input.dtype in _HALF_TYPES else ''}, got {tensor.dtype}"
-        )
 
 
 def _group_norm_well_formed(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -92,8 +80,8 @@ def check_group_norm_args(input: Tensor, num_groups: int, weight: Tensor | None,
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number of channels in input, "
                                f"but got {name} of shape {list(tensor.shape)} and input of shape {list(input.shape)}")
     _check_dtype(input, "GroupNormKernelImpl")
-    _check_param("weight", weight, input)
-    _check_param("bias", bias, input)
+    check_param_device_and_dtype("weight", weight, input)
+    check_param_device_and_dtype("bias", bias, input)
 
 
 def check_instance_norm_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -114,7 +102,7 @@ def check_instance_norm_args(input: Tensor, running_mean: Tensor | None, running
                          ("bias", bias)):
         if tensor is not None and tensor.numel() != channels:
             raise RuntimeError(f"{name} should contain {n * channels} elements not {n * tensor.numel()}")
-        _check_param(name, tensor, input)
+        check_param_device_and_dtype(name, tensor, input)
 
 
 # ----------------------------------------------------------------------------------------------

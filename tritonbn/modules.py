@@ -21,34 +21,46 @@ __all__ = [
 ]
 
 
+def batch_norm_state(module: torch.nn.Module) -> tuple:
+    """(running_mean, running_var, weight, bias, bn_training) of a BatchNorm module for one call,
+    as torch's _BatchNorm.forward decides them.
+
+    Runs on every call of every BatchNorm layer: parameters and buffers are read from their
+    dicts (nn.Module.__getattr__ is slow), each once. The running buffers are used when they
+    exist and the module is in eval, or when it tracks them in training.
+    """
+    buffers, parameters = module._buffers, module._parameters
+    running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+    training = module.training
+    bn_training = training or (running_mean is None and running_var is None)
+    if training and not module.track_running_stats:
+        running_mean = running_var = None
+    return running_mean, running_var, parameters.get("weight"), parameters.get("bias"), bn_training
+
+
+def bump_batch_counter(module: torch.nn.Module) -> Tensor | None:
+    """Count a training batch as torch does; the counter when it sets the blend (momentum=None)."""
+    if module.training and module.track_running_stats:
+        counter = module._buffers.get("num_batches_tracked")
+        if counter is not None:
+            counter.add_(1)
+            if module.momentum is None:
+                return counter
+    return None
+
+
 class _TritonBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
         return self._forward(input)
 
     def _forward(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None,
                  negative_slope: float = 0.01) -> Tensor:
-        # Runs on every call of every BatchNorm layer: parameters and buffers are read from
-        # their dicts (nn.Module.__getattr__ is slow), each once.
         self._check_input_dim(input)
-        buffers, parameters = self._buffers, self._parameters
-        training = self.training
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        weight, bias = parameters.get("weight"), parameters.get("bias")
-        bn_training = training or (running_mean is None and running_var is None)
-        # Buffers are used when they exist and we are in eval, or when tracking in training.
-        if training and not self.track_running_stats:
-            running_mean = running_var = None
+        running_mean, running_var, weight, bias, bn_training = batch_norm_state(self)
         check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training, self.eps)
         if residual is not None or activation is not None:
             check_fusion_args(input, residual, activation)
-
-        num_batches_tracked = None
-        if training and self.track_running_stats:
-            counter = buffers.get("num_batches_tracked")
-            if counter is not None:
-                counter.add_(1)
-                if self.momentum is None:
-                    num_batches_tracked = counter
+        num_batches_tracked = bump_batch_counter(self)  # only now: a rejected call changes no state
         return _batch_norm(
             input, running_mean, running_var, weight, bias, bn_training,
             self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True,

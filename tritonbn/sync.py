@@ -30,6 +30,7 @@ from . import _launch
 from ._checks import check_batch_norm_args, check_eps
 from .backend import TORCH_NATIVE, backend_for
 from .functional import _batch_norm
+from .modules import batch_norm_state, bump_batch_counter
 
 __all__ = ["SyncBatchNorm"]
 
@@ -98,17 +99,10 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        # Runs on every call: parameters and buffers read from their dicts, each once (as in
-        # tritonbn/modules.py), torch.distributed asked once.
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        buffers, parameters = self._buffers, self._parameters
+        running_mean, running_var, weight, bias, bn_training = batch_norm_state(self)
         training = self.training
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-        weight, bias = parameters.get("weight"), parameters.get("bias")
-        bn_training = training or (running_mean is None and running_var is None)
-        if training and not self.track_running_stats:
-            running_mean = running_var = None
 
         process_group, world_size = None, 1
         if bn_training and training and dist.is_available() and dist.is_initialized():
@@ -124,13 +118,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if not need_sync and world_size > 1:
             # CPU without the interpreter: torch's own SyncBatchNorm does the work (and counts).
             return super().forward(input)
-        num_batches_tracked = None
-        if training and self.track_running_stats:
-            counter = buffers.get("num_batches_tracked")
-            if counter is not None:
-                counter.add_(1)
-                if self.momentum is None:
-                    num_batches_tracked = counter
+        num_batches_tracked = bump_batch_counter(self)
         if not need_sync:
             return _batch_norm(input, running_mean, running_var, weight, bias, bn_training,
                                self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True)
