@@ -33,6 +33,7 @@ keeps the heads small; inputs are (4, 3, 32, 32) and (4, 3, 4, 16, 16) for r3d_1
 import collections
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -310,3 +311,44 @@ def test_fused_model_runs_no_torch_batch_norm(name):
     for key, param in params[0].items():
         if param.grad is not None:
             _as_accurate(params[-1][key].grad, [p[key].grad for p in params[:3]], params[3][key].grad, f"{key}.grad")
+
+
+def _group_norm_counts(model):
+    """{"package.Class": count} of every group and instance norm layer."""
+    return dict(collections.Counter(f"{type(m).__module__.split('.')[0]}.{type(m).__name__}"
+                                    for m in model.modules()
+                                    if "GroupNorm" in type(m).__name__ or "InstanceNorm" in type(m).__name__))
+
+
+# Zoo models with group norms: timm's BiT ResNetV2 (GroupNormAct, ReLU, 32 groups) and
+# torchvision's FCOS detector (GroupNorm(32, 256) in its head; built without weights, so its
+# backbone's norms are BatchNorm2d). Counted only: their training steps through the
+# interpreter would take minutes (one program per (sample, group)); the arithmetic of a
+# converted GroupNorm -> SiLU model is checked in tests/test_group_norm_convert.py.
+GROUP_NORM_MODELS = {
+    "timm_resnetv2_50x1_bit": (
+        lambda: timm.create_model("resnetv2_50x1_bit", num_classes=5),
+        {"timm.GroupNormAct": 49}, {"tritonbn.GroupNormAct": 49},
+    ),
+    "torchvision_fcos_resnet50_fpn": (
+        lambda: torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5),
+        {"torch.GroupNorm": 8}, {"tritonbn.GroupNorm": 8},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_NORM_MODELS))
+def test_group_norm_conversion_counts(name):
+    build, before, after = GROUP_NORM_MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    assert _group_norm_counts(model) == before
+    keys = list(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left behind
+        converted = tritonbn.convert_model(model)
+    assert _group_norm_counts(converted) == after
+    assert tritonbn.unconverted_batch_norms(converted) == []
+    assert list(converted.state_dict()) == keys
+    if name.startswith("timm"):
+        assert {m.activation for m in converted.modules() if isinstance(m, tritonbn.GroupNormAct)} <= {"relu", None}
