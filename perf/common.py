@@ -388,7 +388,7 @@ def _group_norm_summary(rows: list[dict]) -> list[str]:
             worst_text = _worst_text(entries)
             fast = [e for e in entries if math.isfinite(e["gbps"])]
             best = max(fast, key=lambda e: e["gbps"]) if fast else None
-            best_text = f"{best['gbps']:.0f} {best['shape_name']}" if best else "-"
+            best_text = f"{_fmt(best['gbps'], '.3g', '')} {best['shape_name']}" if best else "-"
             lines.append(f"{op:<12} {mode:<17} {dtype:<9} {layout:<14} {len(entries):>6} {_fmt(geomean(eager)):>9} "
                          f"{_fmt(geomean(compiled)):>10} {_fmt(bytes_bound(op, mode)):>11}  {worst_text:<34} "
                          f"{best_text:<30}")

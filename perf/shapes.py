@@ -157,7 +157,8 @@ def smoke_group_norm_suite() -> list[Case]:
     cases = []
     for op in GN_OPS:
         cases.append(Case("smoke-gn-2x8x6x6", (2, 8, 6, 6), 1, "smoke", op, 4))
-        cases.append(Case("smoke-gn-split-1x4x64x130", (1, 4, 64, 130), 1, "smoke", op, 2))
+        # Groups of 2 x 16640 elements: just over twice GN_MIN_ELEMENTS_PER_PROGRAM, the split route.
+        cases.append(Case("smoke-gn-split-1x4x128x130", (1, 4, 128, 130), 1, "smoke", op, 2))
     return cases
 
 

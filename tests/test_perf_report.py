@@ -45,3 +45,17 @@ def test_group_norm_report_smoke(tmp_path):
             assert row["route"], row
     assert "GroupNorm: tritonbn GroupNorm / GroupNormAct" in proc.stdout
     assert "INTERPRETER SMOKE RUN" in proc.stdout
+
+
+def test_group_norm_smoke_suite_takes_both_routes():
+    """The smoke run must exercise the split route too, in both layouts, not only the tiny shapes' one."""
+    sys.path.insert(0, str(ROOT))
+    from perf import shapes
+    from tritonbn import _group_launch
+
+    routes = set()
+    for case in shapes.smoke_group_norm_suite():
+        x = torch.randn(case.shape)
+        routes.add(_group_launch.route(x, case.groups))
+        routes.add(_group_launch.route(x.contiguous(memory_format=torch.channels_last), case.groups))
+    assert routes == {"ncs-one-launch", "ncs-split", "rows-one-launch", "rows-split"}
