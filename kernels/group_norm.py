@@ -373,19 +373,39 @@ def _dx_chunk(X, DY, R, DX, DR, W, B, base, g, D, s_begin, s_end, stride_x, mean
     dresidual = dz when WRITE_DR."""
     xhat_scale = rstd * sum_w_dz_xhat * inv_count
     dz_shift = rstd * sum_w_dz * inv_count
-    for c0 in range(0, D, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        w, b = _affine(W, B, g * D + c, c < D, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
-        scale = _per_channel(rstd * w, CHANNELS_LAST)  # also dx's factor of dz
-        shift = _per_channel(b, CHANNELS_LAST)
+    # Elementwise: any loop order gives the same bits. The order is ptxas's preference (the
+    # static sweep): NCHW-like with spatial blocks outermost (channel-blocks outermost, it
+    # parked the chunk's bounds on the stack), channels_last with channel blocks outermost.
+    if CHANNELS_LAST:
+        for c0 in range(0, D, BLOCK_C):
+            for s0 in range(s_begin, s_end, BLOCK_S):
+                _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale,
+                         dz_shift, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, WRITE_DR, CHANNELS_LAST, ACC,
+                         INT64_INDEX, BLOCK_C, BLOCK_S)
+    else:
         for s0 in range(s_begin, s_end, BLOCK_S):
-            offset, mask = _group_tile(c0, s0, D, s_end, stride_x, CHANNELS_LAST, INT64_INDEX, BLOCK_C, BLOCK_S)
-            x, dz = _load_x_and_dz(X, DY, R, base, offset, mask, mean, scale, shift, slope, HAS_RESIDUAL,
-                                   ACTIVATION, ACC)
-            dx = dz * scale - ((x - mean) * rstd) * xhat_scale - dz_shift
-            tl.store(DX + base + offset, dx.to(DX.dtype.element_ty), mask=mask)
-            if WRITE_DR:
-                tl.store(DR + base + offset, dz.to(DR.dtype.element_ty), mask=mask)
+            for c0 in range(0, D, BLOCK_C):
+                _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale,
+                         dz_shift, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, WRITE_DR, CHANNELS_LAST, ACC,
+                         INT64_INDEX, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale, dz_shift,
+             HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+             ACTIVATION: tl.constexpr, WRITE_DR: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+             INT64_INDEX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dx (and dresidual) of the [BLOCK_C, BLOCK_S] tile at channel block c0, position s0."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    w, b = _affine(W, B, g * D + c, c < D, HAS_WEIGHT, HAS_BIAS, ACC, BLOCK_C)
+    scale = _per_channel(rstd * w, CHANNELS_LAST)  # also dx's factor of dz
+    shift = _per_channel(b, CHANNELS_LAST)
+    offset, mask = _group_tile(c0, s0, D, s_end, stride_x, CHANNELS_LAST, INT64_INDEX, BLOCK_C, BLOCK_S)
+    x, dz = _load_x_and_dz(X, DY, R, base, offset, mask, mean, scale, shift, slope, HAS_RESIDUAL, ACTIVATION, ACC)
+    dx = dz * scale - ((x - mean) * rstd) * xhat_scale - dz_shift
+    tl.store(DX + base + offset, dx.to(DX.dtype.element_ty), mask=mask)
+    if WRITE_DR:
+        tl.store(DR + base + offset, dz.to(DR.dtype.element_ty), mask=mask)
 
 
 @autotune("gn_reduce", key=["bucket", "ACC", "ACTIVATION", "CHANNELS_LAST"])

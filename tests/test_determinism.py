@@ -33,6 +33,13 @@ CASES = [
 ]
 
 
+def _fresh_launch_plans(monkeypatch) -> None:
+    """Forget the launch plans: a plan replays the compiled kernel it recorded first, so
+    without this a GPU run would compare the first config with itself."""
+    monkeypatch.setattr(_launch, "_forward_plans", {})
+    monkeypatch.setattr(_launch, "_backward_plans", {})
+
+
 @pytest.mark.parametrize("shape,memory_format,normalize,dx,family", CASES, ids=["ncs", "rows"])
 def test_elementwise_bits_do_not_depend_on_the_config(monkeypatch, shape, memory_format, normalize, dx, family):
     torch.manual_seed(0)
@@ -46,6 +53,7 @@ def test_elementwise_bits_do_not_depend_on_the_config(monkeypatch, shape, memory
         monkeypatch.setattr(dx, "configs", [config])
         monkeypatch.setattr(normalize, "cache", {})
         monkeypatch.setattr(dx, "cache", {})
+        _fresh_launch_plans(monkeypatch)
         bn = tritonbn.BatchNorm2d(shape[1]).to(DEVICE).eval()
         with torch.no_grad():
             bn.running_mean.copy_(running_mean)
@@ -100,6 +108,7 @@ def test_reduction_bits_do_not_depend_on_the_config(monkeypatch, shape, memory_f
             for kernel in kernels:
                 monkeypatch.setattr(kernel, "configs", [config])
                 monkeypatch.setattr(kernel, "cache", {})
+        _fresh_launch_plans(monkeypatch)
         torch.manual_seed(2)
         bn = randomize_batch_norm(tritonbn.BatchNorm2d(shape[1]).to(DEVICE))
         xg = x.clone().requires_grad_(True)

@@ -67,12 +67,14 @@ def _check(x, groups, dtype, residual=None, activation=None, affine=True, slope=
     y, grads = _ours(x, groups, weight, bias, dy, residual, activation, slope)
     y_ref, grads_ref = _reference(x, groups, weight, bias, dy, residual, activation, slope)
     assert y.dtype == x.dtype and y.shape == x.shape
-    # The memory format torch gives for contiguous and channels_last inputs; other dense
-    # layouts read in place keep their strides (torch returns them contiguous), and the rest
-    # are copied once and come out contiguous.
-    torch_y = F.group_norm(x.detach().float(), groups)
-    if x.is_contiguous() or x.is_contiguous(memory_format=CL) or x.is_contiguous(memory_format=CL3):
-        assert _layout.same_layout(y, torch_y), (y.stride(), torch_y.stride())
+    # The output keeps a contiguous or channels_last input's memory format on every device
+    # (torch's CPU kernel does too; torch's CUDA kernel returned channels_last inputs
+    # contiguous before its NHWC kernel); other dense layouts read in place keep their
+    # strides, and the rest are copied once and come out contiguous.
+    if x.is_contiguous():
+        assert y.is_contiguous(), y.stride()
+    elif x.is_contiguous(memory_format=CL) or x.is_contiguous(memory_format=CL3):
+        assert y.is_contiguous(memory_format=CL if x.dim() == 4 else CL3), (y.stride(), x.stride())
     else:
         assert _layout.same_layout(y, x) or y.is_contiguous(), (y.stride(), x.stride())
     _assert_close(y, y_ref, dtype, msg="output")
@@ -279,6 +281,10 @@ def test_same_bits_twice_and_under_every_config(monkeypatch, shape, memory_forma
             for kernel in kernels:
                 monkeypatch.setattr(kernel, "configs", [configs[index % len(configs)]])
                 monkeypatch.setattr(kernel, "cache", {})
+        # A plan replays the compiled kernel it recorded first: without fresh plans a GPU run
+        # would compare the first config with itself.
+        monkeypatch.setattr(_group_launch, "_forward_plans", {})
+        monkeypatch.setattr(_group_launch, "_backward_plans", {})
         results.append(_step(x, 2, dy, residual, "silu"))
     for result in results[1:]:
         for got, first in zip(result, results[0]):
@@ -528,3 +534,55 @@ def test_cpu_without_interpreter_falls_back_to_torch():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA autocast (CPU autocast leaves group_norm in the input dtype)")
+def test_cuda_autocast_runs_group_norm_in_float32_like_torch():
+    x = torch.randn(2, 8, 5, 5, device=DEVICE, dtype=torch.float16)
+    ours, ref = tritonbn.GroupNorm(4, 8).to(DEVICE), torch.nn.GroupNorm(4, 8).to(DEVICE)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y, y_ref = ours(x), ref(x)
+        z, z_ref = tritonbn.functional.group_norm_act(x, 4), F.silu(F.group_norm(x, 4))
+    assert y.dtype == y_ref.dtype == torch.float32 and z.dtype == z_ref.dtype
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+
+
+# Groups wider than one tile: the kernels' loop over channel blocks runs more than once
+# (every other case has BLOCK_C >= C / G).
+@pytest.mark.parametrize("shape,groups,memory_format,min_elements", [
+    ((2, 24, 700), 2, None, None),  # 12 channels of 700: 1024-wide spatial tiles, several channel blocks
+    ((2, 4100), 1, None, None),  # (N, C) with 4100 channels in one group: rows tiles, several channel blocks
+    ((1, 4200, 2, 3), 1, CL, 64),  # channels_last, 4200 channels per group, split route
+])
+def test_groups_wider_than_a_tile(monkeypatch, shape, groups, memory_format, min_elements):
+    import triton.language as tl
+
+    d = shape[1] // groups
+    spatial = math.prod(shape[2:])
+    block_c, _ = cfg.gn_reduce_tile(d, spatial, memory_format is not None or len(shape) == 2, tl.float64)
+    assert block_c < d  # more than one channel block per group
+    if min_elements is not None:
+        monkeypatch.setattr(cfg, "GN_MIN_ELEMENTS_PER_PROGRAM", min_elements)
+        assert _group_launch.route(_input(shape, memory_format=memory_format), groups).endswith("split")
+    torch.manual_seed(12)
+    x = _input(shape, dtype=torch.float64, memory_format=memory_format)
+    with triton_ran():
+        _check(x, groups, torch.float64, residual=torch.randn_like(x), activation="silu")
+
+
+@pytest.mark.parametrize("memory_format,split", [(None, False), (None, True), (CL, False), (CL, True)],
+                         ids=["ncs-one-launch", "ncs-split", "rows-one-launch", "rows-split"])
+def test_64_bit_indexing_on_every_route(monkeypatch, memory_format, split):
+    """INT64_INDEX, which only tensors past 2^31 elements take, forced on a small tensor."""
+    monkeypatch.setattr(_group_launch, "_INT32_LIMIT", 10)
+    monkeypatch.setattr(_group_launch, "_forward_plans", {})  # plans are keyed by shape, not by the limit
+    monkeypatch.setattr(_group_launch, "_backward_plans", {})
+    if split:
+        monkeypatch.setattr(cfg, "GN_MIN_ELEMENTS_PER_PROGRAM", 16)
+    torch.manual_seed(13)
+    x = _input((2, 4, 6, 10), dtype=torch.float64, memory_format=memory_format)
+    assert _group_launch.group_view(x, 2)[1].int64
+    assert _group_launch.route(x, 2).endswith("split" if split else "one-launch")
+    with triton_ran():
+        _check(x, 2, torch.float64, residual=torch.randn_like(x), activation="leaky_relu", slope=0.2)

@@ -233,3 +233,38 @@ def test_timm_group_norms(fake_timm):
     with triton_ran(4):
         y = model(x)
     torch.testing.assert_close(y, ref(x), atol=ATOL, rtol=RTOL)
+
+
+class _TimeEmbeddingBlock(nn.Module):
+    """A norm followed by a broadcast add of a per-sample embedding, then the activation
+    (diffusers' scale-shift blocks, FiLM): fuse_model fuses the add, which must then run as
+    torch's broadcasting add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.bn = nn.BatchNorm2d(4)
+        self.proj = nn.Linear(3, 4)
+
+    def forward(self, x, emb):
+        shift = self.proj(emb)[:, :, None, None]
+        h = F.silu(self.norm(x) + shift)
+        return F.relu(self.bn(h) + shift)
+
+
+def test_fused_broadcast_add_runs_as_torch_does():
+    torch.manual_seed(3)
+    ref = _TimeEmbeddingBlock().to(device=DEVICE, dtype=DTYPE)
+    fused = tritonbn.fuse_model(copy.deepcopy(ref))
+    assert isinstance(fused.norm, tritonbn.GroupNormAct) and isinstance(fused.bn, tritonbn.BatchNormAct2d)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    emb = torch.randn(2, 3, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(2, 4, 3, 3, device=DEVICE, dtype=DTYPE)
+    outs = []
+    for model in (fused, ref):
+        params = dict(sorted(model.named_parameters()))  # fuse_model may reorder them
+        y = model(x, emb)
+        outs.append((y, *torch.autograd.grad(y, (x, emb, *params.values()), dy)))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(fused.bn.running_mean, ref.bn.running_mean, atol=ATOL, rtol=RTOL)

@@ -228,3 +228,30 @@ def test_running_stats_update_is_one_launch_after_the_forward():
     before = tritonbn._launch.launch_count
     m(x)
     assert tritonbn._launch.launch_count - before == 1  # BatchNorm's eval kernel, no update
+
+
+def test_no_positions_leave_running_stats_alone():
+    """(N, C, 0): no value to average; torch leaves the running statistics as they were."""
+    running_mean = torch.randn(4, device=DEVICE).abs_() + 0.5
+    running_var = torch.rand(4, device=DEVICE) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    x = torch.randn(2, 4, 0, device=DEVICE)
+    y = tritonbn.functional.instance_norm(x, running_mean, running_var, use_input_stats=True, momentum=0.5)
+    ref = F.instance_norm(x, before[0].clone(), before[1].clone(), use_input_stats=True, momentum=0.5)
+    assert y.shape == ref.shape == x.shape
+    torch.testing.assert_close(running_mean, before[0], atol=0, rtol=0)
+    torch.testing.assert_close(running_var, before[1], atol=0, rtol=0)
+
+
+def test_channels_last_output_stays_channels_last():
+    """A deliberate difference: torch.instance_norm returns a contiguous tensor for any input
+    (it reshapes through input.contiguous()); tritonbn keeps a channels_last input's format,
+    as it does for BatchNorm and GroupNorm, and computes the same values."""
+    x = torch.randn(2, 6, 5, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    m = tritonbn.InstanceNorm2d(6, affine=True)
+    with triton_ran():
+        y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    ref = F.instance_norm(x, weight=m.weight, bias=m.bias)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol)

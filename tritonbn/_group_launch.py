@@ -318,8 +318,8 @@ def update_instance_running_stats(
     biased variance over ``count`` positions, averaged over the N samples, into the running
     statistics (unbiased variance, factor ``momentum``)."""
     c = running_mean.numel()
-    if c == 0 or n == 0:
-        return
+    if c == 0 or n == 0 or count == 0:
+        return  # no values (an empty batch or no positions): torch leaves the statistics alone
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
     update = _Launch(gn_kernels._gn_fwd_running_stats, cfg.per_channel_grid(c),
                      dict(N=n, C=c, **_pairs(momentum=momentum, bessel=count / max(count - 1, 1))),

@@ -169,6 +169,14 @@ def batch_norm_act(
                        residual=residual, activation=activation, negative_slope=negative_slope)
 
 
+def residual_fuses(input: Tensor, residual) -> bool:
+    """Whether ``act(norm(input) + residual)`` can take the fused kernel: a residual tensor of
+    the input's shape, dtype and device. Anything else (a broadcast embedding, a float32
+    residual beside a half input) is added by torch, with its broadcasting and promotion."""
+    return (isinstance(residual, Tensor) and residual.shape == input.shape and residual.dtype == input.dtype
+            and residual.device == input.device)
+
+
 def _unfused_epilogue(output: Tensor, residual: Tensor | None, activation: str | None, slope: float) -> Tensor:
     """torch's own residual add and activation, for the torch-native backend."""
     if residual is not None:

@@ -133,8 +133,9 @@ def fuse_model(model: torch.nn.Module) -> torch.nn.Module:
     activation writes to its input or to the residual (the fused call reads both at the
     activation's place in the graph). Aliasing through views is not tracked, as in torch.fx's
     own passes. The residual must have the BatchNorm output's shape and dtype (as in ResNet);
-    a broadcasting add is fused only if nothing shows it is not a tensor, and then raises a
-    clear error at run time.
+    an add whose other operand turns out at run time to broadcast or promote (a time
+    embedding added after a GroupNorm) is fused too, and the fused module then adds it with
+    torch's own add and activation after its normalisation: the same numbers as unfused.
 
     Then every BatchNorm (and GroupNorm, InstanceNorm) that was not fused is converted as
     :func:`tritonbn.convert_model` converts it (a downsample's BatchNorm, a SyncBatchNorm,

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _group_launch
 from ._checks import ACTIVATIONS, _dtype_name, check_fusion_args, check_param_device_and_dtype
 from ._group_ops import apply_group_norm, update_instance_running_stats
-from .functional import _ALWAYS_TRITON, _batch_norm, _unfused_epilogue
+from .functional import _ALWAYS_TRITON, _batch_norm, _unfused_epilogue, residual_fuses
 
 __all__ = ["GroupNorm", "GroupNormAct", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "group_norm",
            "group_norm_act", "instance_norm"]
@@ -178,11 +178,23 @@ def group_norm_act(
     return _group_norm(input, num_groups, weight, bias, eps, residual, activation, negative_slope)
 
 
+def _cuda_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # torch < 2.4: the CUDA flag has no device argument
+        return torch.is_autocast_enabled()
+
+
 def _group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float,
                 residual: Tensor | None = None, activation: str | None = None, negative_slope: float = 0.01,
                 running: tuple | None = None, checked: bool = False) -> Tensor:
     """group_norm with the fused epilogue and InstanceNorm's running statistics
     (``running`` = (running_mean, running_var, momentum), updated in place)."""
+    if running is None and not checked and input.is_cuda and _cuda_autocast():
+        # CUDA autocast runs group_norm in float32 (torch's autocast list; InstanceNorm is not
+        # on it): the same casts, so the same dtype and numbers as torch's.
+        input, weight, bias, residual = (t.float() if isinstance(t, Tensor) else t
+                                         for t in (input, weight, bias, residual))
     if not checked:
         check_group_norm_args(input, num_groups, weight, bias)
         if residual is not None or activation is not None:
@@ -336,6 +348,11 @@ class GroupNormAct(GroupNorm):
         self.negative_slope = negative_slope
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is not None and not residual_fuses(input, residual):
+            # What fuse_model may have fused: ``silu(norm(h) + emb[:, :, None, None])`` (a
+            # broadcast embedding, FiLM's shift). torch's own add and activation, as unfused.
+            return _unfused_epilogue(_group_norm(input, self.num_groups, self.weight, self.bias, self.eps), residual,
+                                     self.activation, self.negative_slope)
         return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps, residual, self.activation,
                            self.negative_slope)
 

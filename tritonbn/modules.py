@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
 from ._compat import bias_kwargs
-from .functional import _batch_norm
+from .functional import _batch_norm, _unfused_epilogue, residual_fuses
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
@@ -150,6 +150,10 @@ class _BatchNormActMixin:
         self.negative_slope = negative_slope
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is not None and not residual_fuses(input, residual):
+            # What fuse_model may have fused: ``act(bn(x) + emb)`` with a broadcast or
+            # promoting operand. torch's own add and activation, as the unfused model ran.
+            return _unfused_epilogue(self._forward(input), residual, self.activation, self.negative_slope)
         return self._forward(input, residual, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
