@@ -22,7 +22,8 @@ _HALF_TYPES = (torch.float16, torch.bfloat16)
 _TORCH_DTYPE_NAMES = {
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
     torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble",
+    torch.complex128: "ComplexDouble", torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
 }
 
 

@@ -53,6 +53,8 @@ def _group_norm_well_formed(input: Tensor, num_groups: int, weight: Tensor | Non
     if channels % num_groups or input.numel() == num_groups:  # one value per group
         return False
     device = input.device
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        return False
     for tensor in (weight, bias):
         if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels or tensor.device != device
                                    or (tensor.dtype != dtype and not (dtype in _HALF_TYPES
@@ -72,7 +74,9 @@ def check_group_norm_args(input: Tensor, num_groups: int, weight: Tensor | None,
     if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     channels = input.shape[1]
-    if num_groups <= 0 or channels % num_groups != 0:
+    if num_groups < 0:
+        raise RuntimeError(f"Expected num groups to be greater than 0, got {num_groups}")
+    if num_groups == 0 or channels % num_groups != 0:
         raise RuntimeError("Expected number of channels in input to be divisible by num_groups, but got input of "
                            f"shape {list(input.shape)} and num_groups={num_groups}")
     for name, tensor in (("weight", weight), ("bias", bias)):
@@ -82,6 +86,9 @@ def check_group_norm_args(input: Tensor, num_groups: int, weight: Tensor | None,
     _check_dtype(input, "GroupNormKernelImpl")
     check_param_device_and_dtype("weight", weight, input)
     check_param_device_and_dtype("bias", bias, input)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        # A half input takes float32 parameters, but both of one dtype (torch's mixed-dtype rule).
+        raise RuntimeError(f"mixed dtype: expect parameter to have scalar type of {_dtype_name(weight.dtype)}")
 
 
 def check_instance_norm_args(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
