@@ -305,6 +305,9 @@ def backward(
 # ----------------------------------------------------------------------------------------------
 
 
+_update_launches: dict = {}
+
+
 def update_instance_running_stats(
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
@@ -321,9 +324,14 @@ def update_instance_running_stats(
     if c == 0 or n == 0 or count == 0:
         return  # no values (an empty batch or no positions): torch leaves the statistics alone
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
-    update = _Launch(gn_kernels._gn_fwd_running_stats, cfg.per_channel_grid(c),
-                     dict(N=n, C=c, **_pairs(momentum=momentum, bessel=count / max(count - 1, 1))),
-                     dict(ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK), replayable=False)
+    key = (c, n, momentum, count, mean.dtype, targets[0].dtype, targets[1].dtype, mean.device,
+           _aligned(targets[0], targets[1], mean, var))
+    update = _update_launches.get(key)
+    if update is None:  # one launch per signature, replayed like a plan's (no Triton path per step)
+        update = _update_launches[key] = _Launch(
+            gn_kernels._gn_fwd_running_stats, cfg.per_channel_grid(c),
+            dict(N=n, C=c, **_pairs(momentum=momentum, bessel=count / max(count - 1, 1))),
+            dict(ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK), replayable=key[-1])
     update(targets[0], targets[1], mean, var)
     for target, original in zip(targets, (running_mean, running_var)):
         if target is not original:
