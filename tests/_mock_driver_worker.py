@@ -107,9 +107,56 @@ def main() -> None:
                 finally:
                     knobs.runtime.launch_enter_hook.remove(_no_op_hook)
             results[f"{case}/{module_type}"] = {"route": _launch.route(x), "calls": calls}
+    results.update(_group_norm_cases())
     results["misaligned"] = _misaligned()
     results["frozen_ptx"] = _frozen_ptx()
     print(json.dumps(results))
+
+
+def _group_norm_cases() -> dict:
+    """GroupNorm, GroupNorm + residual + SiLU and a tracking InstanceNorm, both routes and
+    layouts: calls 0-2 as for BatchNorm above."""
+    from tritonbn import _group_launch
+
+    results = {}
+    shapes = {"one-launch": (2, 8, 4, 4), "split": (1, 4, 256, 256)}  # split: 2 groups of 131072 elements
+    for route, shape in shapes.items():
+        for layout in ("contiguous", "channels-last"):
+            for module_type in ("gn", "gn-add-silu", "instance-norm"):
+                if module_type == "gn":
+                    module = tritonbn.GroupNorm(2, shape[1])
+                elif module_type == "gn-add-silu":
+                    module = tritonbn.GroupNormAct(2, shape[1], activation="silu")
+                else:
+                    module = tritonbn.InstanceNorm2d(shape[1], affine=True, track_running_stats=True)
+                calls = []
+                for call in range(3):
+                    x = torch.randn(shape)
+                    if layout == "channels-last":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    x.requires_grad_(True)
+                    residual = torch.randn_like(x) if module_type == "gn-add-silu" else None
+                    dy = torch.randn_like(x)
+                    names = {"x": x, "dy": dy, "residual": residual, "weight": module.weight, "bias": module.bias,
+                             "running_mean": getattr(module, "running_mean", None),
+                             "running_var": getattr(module, "running_var", None)}
+
+                    def step():
+                        y = module(x) if residual is None else module(x, residual)
+                        names["y"] = y
+                        y.backward(dy)
+
+                    before = _launch.launch_count
+                    if call == 1:
+                        knobs.runtime.launch_enter_hook.add(_no_op_hook)
+                    try:
+                        calls.append({"launches": _record(step, names), "counted": _launch.launch_count - before})
+                    finally:
+                        knobs.runtime.launch_enter_hook.remove(_no_op_hook)
+                groups = shape[1] if module_type == "instance-norm" else 2
+                results[f"gn/{route}-{layout}/{module_type}"] = {"route": _group_launch.route(x, groups),
+                                                                  "calls": calls}
+    return results
 
 
 def _frozen_ptx() -> dict:

@@ -55,6 +55,26 @@ def test_replay_hands_the_kernel_what_triton_would(mock_run, case):
     assert first_args[0] == "x"
 
 
+GN_CASES = [f"gn/{route}-{layout}/{module}" for route in ("one-launch", "split")
+            for layout in ("contiguous", "channels-last") for module in ("gn", "gn-add-silu", "instance-norm")]
+
+
+@pytest.mark.parametrize("case", GN_CASES)
+def test_group_norm_replay_hands_the_kernel_what_triton_would(mock_run, case):
+    """GroupNorm's plans (tritonbn/_group_launch.py) and InstanceNorm's running-statistics
+    update replay exactly Triton's own launches, with the same count on every call."""
+    run = mock_run[case]
+    route = "split" if "/split-" in case else "one-launch"
+    if "instance-norm" not in case:  # InstanceNorm: one channel per group, its own route choice
+        assert run["route"].endswith(route)
+    triton_path, replay = run["calls"][1:]
+    assert replay["launches"] and replay["launches"] == triton_path["launches"]
+    assert replay["launches"][0][3][0] == "x"
+    assert len({call["counted"] for call in run["calls"]}) == 1
+    if "instance-norm" in case:  # the update reads the call's own buffers
+        assert any("running_mean" in args for _, _, _, args in replay["launches"])
+
+
 def test_misaligned_input_is_never_replayed(mock_run):
     """Triton specialises pointers on 16-byte alignment: a plan made for a misaligned input
     always takes Triton's path, an aligned one replays."""
