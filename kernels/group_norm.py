@@ -66,11 +66,19 @@ from .running_stats import blend_running_stats
 
 
 @triton.jit
-def _program_group(pid, G, S, stride_n, stride_g, s_chunk, splits):
-    """(pair index n * G + g, g, the group's element offset, spatial chunk [s_begin, s_end))."""
+def _program_group(pid, G, D: tl.constexpr, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST: tl.constexpr):
+    """(pair index n * G + g, g, the group's element offset, spatial chunk [s_begin, s_end)).
+
+    channels_last: a group starts D channels after the previous one (stride_g == D). D is a
+    compile-time constant, so the compiler knows how a group's start is aligned (the runtime
+    stride would hide it): a diffusion UNet's C / G = 40 then gets 128-bit accesses.
+    """
     ng = pid // splits
     part = pid % splits
-    base = (ng // G).to(tl.int64) * stride_n + (ng % G).to(tl.int64) * stride_g
+    if CHANNELS_LAST:
+        base = (ng // G).to(tl.int64) * stride_n + (ng % G).to(tl.int64) * D
+    else:
+        base = (ng // G).to(tl.int64) * stride_n + (ng % G).to(tl.int64) * stride_g
     s_begin = part * s_chunk
     return ng, ng % G, part, base, s_begin, tl.minimum(s_begin + s_chunk, S)
 
@@ -210,7 +218,7 @@ def _gn_fwd_one_launch(
     R,  # residual with the input's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [N * G] out (ACC): per (sample, group), Var biased
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,  # S and 1 here (the tile heuristics read s_chunk)
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
@@ -219,7 +227,8 @@ def _gn_fwd_one_launch(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: one program per (sample, group), which reads its group twice.
-    ng, g, _, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, _, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     k = tl.load(X + base).to(ACC)
     count, mean, m2 = _group_stats(X, base, k, D, s_begin, s_end, stride_x, ACC, CHANNELS_LAST, INT64_INDEX,
                                    BLOCK_C, BLOCK_S)
@@ -240,7 +249,7 @@ def _gn_fwd_one_launch(
 def _gn_fwd_stats(
     X,  # [N, C, *] input
     Parts,  # [3 * splits + 1, N * G] out (ACC): forward.py's _partial_rows, one column per group
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,  # spatial positions per program, programs per group
     pairs,  # N * G
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -249,7 +258,8 @@ def _gn_fwd_stats(
 ):
     # grid: N * G * splits programs; a group's programs are adjacent. forward.py's
     # _bn_fwd_combine merges the partial rows, with a "channel" per group.
-    ng, _, part, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, _, part, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     k = tl.load(X + base).to(ACC)
     count, mean, m2 = _group_stats(X, base, k, D, s_begin, s_end, stride_x, ACC, CHANNELS_LAST, INT64_INDEX,
                                    BLOCK_C, BLOCK_S)
@@ -270,7 +280,7 @@ def _gn_fwd_normalize(
     R,  # residual with the input's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd,  # [N * G] statistics in (ACC)
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,
     bucket,  # autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # float pair (common.exact_scalar): leaky_relu's negative slope
@@ -279,7 +289,8 @@ def _gn_fwd_normalize(
     TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: N * G * splits programs, each normalising its chunk of a group.
-    ng, g, _, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, _, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     _normalize_chunk(X, Y, R, W, B, base, g, D, s_begin, s_end, stride_x, tl.load(Mean + ng), tl.load(Rstd + ng),
                      exact_scalar(slope, slope_lo, ACC), HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION,
                      CHANNELS_LAST, ACC, INT64_INDEX, BLOCK_C, BLOCK_S)
@@ -373,21 +384,11 @@ def _dx_chunk(X, DY, R, DX, DR, W, B, base, g, D, s_begin, s_end, stride_x, mean
     dresidual = dz when WRITE_DR."""
     xhat_scale = rstd * sum_w_dz_xhat * inv_count
     dz_shift = rstd * sum_w_dz * inv_count
-    # Elementwise: any loop order gives the same bits. The order is ptxas's preference (the
-    # static sweep): NCHW-like with spatial blocks outermost (channel-blocks outermost, it
-    # parked the chunk's bounds on the stack), channels_last with channel blocks outermost.
-    if CHANNELS_LAST:
-        for c0 in range(0, D, BLOCK_C):
-            for s0 in range(s_begin, s_end, BLOCK_S):
-                _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale,
-                         dz_shift, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, WRITE_DR, CHANNELS_LAST, ACC,
-                         INT64_INDEX, BLOCK_C, BLOCK_S)
-    else:
+    for c0 in range(0, D, BLOCK_C):
         for s0 in range(s_begin, s_end, BLOCK_S):
-            for c0 in range(0, D, BLOCK_C):
-                _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale,
-                         dz_shift, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, WRITE_DR, CHANNELS_LAST, ACC,
-                         INT64_INDEX, BLOCK_C, BLOCK_S)
+            _dx_tile(X, DY, R, DX, DR, W, B, base, g, D, c0, s0, s_end, stride_x, mean, rstd, slope, xhat_scale,
+                     dz_shift, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, ACTIVATION, WRITE_DR, CHANNELS_LAST, ACC,
+                     INT64_INDEX, BLOCK_C, BLOCK_S)
 
 
 @triton.jit
@@ -416,7 +417,7 @@ def _gn_bwd_one_launch(
     DX, DR,  # out: input gradient, residual gradient (when WRITE_DR)
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*), [N * G] saved statistics (ACC)
     Parts,  # [2, N * C] out (ACC): per-(sample, channel) sum dz, then sum dz * xhat
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,  # S and 1 here (the tile heuristics read s_chunk)
     bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar): 1 / (D * S), leaky slope
@@ -426,7 +427,8 @@ def _gn_bwd_one_launch(
 ):
     # grid: one program per (sample, group): its sums, then its dx. _gn_bwd_combine adds the
     # per-channel sums over the samples (dgamma, dbeta).
-    ng, g, _, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, _, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     slope = exact_scalar(slope, slope_lo, ACC)
@@ -446,7 +448,7 @@ def _gn_bwd_reduce(
     X, DY, R,  # [N, C, *] input, output gradient, residual (when HAS_RESIDUAL): the input's strides
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*), [N * G] saved statistics (ACC)
     Parts,  # [2 * splits, N * C] out (ACC): per chunk and (sample, channel), sum dz then sum dz * xhat
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,
     bucket,  # autotune key only (configs.tuning_bucket)
     slope, slope_lo,  # float pair (common.exact_scalar): leaky_relu's negative slope
@@ -455,7 +457,8 @@ def _gn_bwd_reduce(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # grid: N * G * splits programs; each writes its chunk's per-channel sums.
-    ng, g, part, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, part, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     nc = (tl.num_programs(0) // splits) * D  # N * C
@@ -502,7 +505,7 @@ def _gn_bwd_dx(
     DX, DR,  # out: input gradient, residual gradient (when WRITE_DR)
     W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*), [N * G] saved statistics (ACC)
     Sums,  # [2, N * C] the combine's per-(sample, channel) sum dz, sum dz * xhat (ACC)
-    G, D, S, stride_n, stride_g, stride_x,
+    G, D: tl.constexpr, S, stride_n, stride_g, stride_x,  # D: the group's channels, compile-time
     s_chunk, splits,
     bucket,  # autotune key only (configs.tuning_bucket)
     inv_count, inv_count_lo, slope, slope_lo,  # float pairs (common.exact_scalar): 1 / (D * S), leaky slope
@@ -512,7 +515,8 @@ def _gn_bwd_dx(
 ):
     # grid: N * G * splits programs. Each folds its group's per-channel sums (in the one-launch
     # kernel's order: channel blocks in order, each in tree order), then writes its chunk's dx.
-    ng, g, part, base, s_begin, s_end = _program_group(tl.program_id(0), G, S, stride_n, stride_g, s_chunk, splits)
+    ng, g, part, base, s_begin, s_end = _program_group(
+        tl.program_id(0), G, D, S, stride_n, stride_g, s_chunk, splits, CHANNELS_LAST)
     mean = tl.load(Mean + ng)
     rstd = tl.load(Rstd + ng)
     nc = (tl.num_programs(0) // splits) * D  # N * C

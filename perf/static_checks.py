@@ -82,6 +82,9 @@ GN_SCENARIOS = (
     ("ncs-split", (1, 128, 256, 256), "contiguous", 32),  # VAE-like: 32 long groups, split
     ("rows-one-launch", (8, 512, 16, 16), "channels_last", 32),
     ("rows-split", (1, 512, 64, 64), "channels_last", 32),
+    # Stable Diffusion's UNet at width 640: 20 channels per group, so groups start 80 bytes
+    # apart in float32 (40 in bfloat16); the kernels see C / G at compile time for that.
+    ("rows-one-launch", (2, 640, 32, 32), "channels_last", 32),
     ("ncs-one-launch", (4, 64, 32, 32), "contiguous", 64),  # InstanceNorm2d(64)
 )
 # Negative control: a shape whose strides are not multiples of 16. Its launch loses the
