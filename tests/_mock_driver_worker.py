@@ -66,6 +66,37 @@ def _record(step, names: dict) -> list:
             for name, grid, meta, args in launches[start:]]
 
 
+def _three_calls(module, shape, memory_format, with_residual: bool) -> tuple[list, torch.Tensor]:
+    """A training step three times on fresh tensors: call 0 compiles and tunes; call 1 takes
+    Triton's own launch path (a launch hook is installed, which turns replay off); call 2
+    replays. Returns each call's launches and launch count, and the last input."""
+    calls = []
+    for call in range(3):
+        x = torch.randn(shape)
+        if memory_format is not None:
+            x = x.contiguous(memory_format=memory_format)
+        x.requires_grad_(True)
+        residual = torch.randn_like(x) if with_residual else None
+        dy = torch.randn_like(x)
+        names = {"x": x, "dy": dy, "residual": residual, "weight": module.weight, "bias": module.bias,
+                 "running_mean": getattr(module, "running_mean", None),
+                 "running_var": getattr(module, "running_var", None)}
+
+        def step():
+            y = module(x) if residual is None else module(x, residual)
+            names["y"] = y
+            y.backward(dy)
+
+        before = _launch.launch_count
+        if call == 1:
+            knobs.runtime.launch_enter_hook.add(_no_op_hook)
+        try:
+            calls.append({"launches": _record(step, names), "counted": _launch.launch_count - before})
+        finally:
+            knobs.runtime.launch_enter_hook.remove(_no_op_hook)
+    return calls, x
+
+
 def main() -> None:
     torch.manual_seed(0)
     results = {}
@@ -81,31 +112,7 @@ def main() -> None:
                 module = tritonbn.BatchNorm2d(shape[1])
             else:
                 module = tritonbn.BatchNormAct2d(shape[1], activation="relu")
-            calls = []
-            # Call 0 compiles and tunes; call 1 takes Triton's own launch path (a launch hook is
-            # installed, which turns replay off); call 2 replays.
-            for call in range(3):
-                x = torch.randn(shape)
-                if memory_format is not None:
-                    x = x.contiguous(memory_format=memory_format)
-                x.requires_grad_(True)
-                residual = torch.randn_like(x) if module_type != "bn" else None
-                dy = torch.randn_like(x)
-                names = {"x": x, "dy": dy, "residual": residual, "weight": module.weight, "bias": module.bias,
-                         "running_mean": module.running_mean, "running_var": module.running_var}
-
-                def step():
-                    y = module(x) if residual is None else module(x, residual)
-                    names["y"] = y
-                    y.backward(dy)
-
-                before = _launch.launch_count
-                if call == 1:
-                    knobs.runtime.launch_enter_hook.add(_no_op_hook)
-                try:
-                    calls.append({"launches": _record(step, names), "counted": _launch.launch_count - before})
-                finally:
-                    knobs.runtime.launch_enter_hook.remove(_no_op_hook)
+            calls, x = _three_calls(module, shape, memory_format, module_type != "bn")
             results[f"{case}/{module_type}"] = {"route": _launch.route(x), "calls": calls}
     results.update(_group_norm_cases())
     results["misaligned"] = _misaligned()
@@ -129,30 +136,8 @@ def _group_norm_cases() -> dict:
                     module = tritonbn.GroupNormAct(2, shape[1], activation="silu")
                 else:
                     module = tritonbn.InstanceNorm2d(shape[1], affine=True, track_running_stats=True)
-                calls = []
-                for call in range(3):
-                    x = torch.randn(shape)
-                    if layout == "channels-last":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    x.requires_grad_(True)
-                    residual = torch.randn_like(x) if module_type == "gn-add-silu" else None
-                    dy = torch.randn_like(x)
-                    names = {"x": x, "dy": dy, "residual": residual, "weight": module.weight, "bias": module.bias,
-                             "running_mean": getattr(module, "running_mean", None),
-                             "running_var": getattr(module, "running_var", None)}
-
-                    def step():
-                        y = module(x) if residual is None else module(x, residual)
-                        names["y"] = y
-                        y.backward(dy)
-
-                    before = _launch.launch_count
-                    if call == 1:
-                        knobs.runtime.launch_enter_hook.add(_no_op_hook)
-                    try:
-                        calls.append({"launches": _record(step, names), "counted": _launch.launch_count - before})
-                    finally:
-                        knobs.runtime.launch_enter_hook.remove(_no_op_hook)
+                memory_format = torch.channels_last if layout == "channels-last" else None
+                calls, x = _three_calls(module, shape, memory_format, module_type == "gn-add-silu")
                 groups = shape[1] if module_type == "instance-norm" else 2
                 results[f"gn/{route}-{layout}/{module_type}"] = {"route": _group_launch.route(x, groups),
                                                                   "calls": calls}
