@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _group_launch
-from ._checks import ACTIVATIONS
 from ._launch import accumulation_dtype
 from ._layout import canonical_input
-from ._ops import c_apply, transforms_active, unwrap_if_dead
+from ._ops import c_apply, differentiable_grads, torch_activation, transforms_active, unwrap_if_dead
 
 
 @torch.library.custom_op("tritonbn::group_norm_fwd", mutates_args=())
@@ -147,18 +146,9 @@ def _differentiable_backward(ctx, grad_output, residual_index: int) -> tuple:
         if residual is None:  # not saved without an activation: z's derivative does not need its value
             residual = torch.zeros_like(input).requires_grad_(needs[residual_index])
         z = z + residual
-    if ctx.activation == ACTIVATIONS["relu"]:
-        y = F.relu(z)
-    elif ctx.activation == ACTIVATIONS["silu"]:
-        y = F.silu(z)
-    elif ctx.activation == ACTIVATIONS["leaky_relu"]:
-        y = F.leaky_relu(z, ctx.slope)
-    else:
-        y = z
-    candidates = [(input, needs[0]), (weight, needs[2]), (bias, needs[3]), (residual, needs[residual_index])]
-    wanted = [t for t, needed in candidates if needed and t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if needed and t is not None and t.requires_grad else None for t, needed in candidates)
+    y = torch_activation(z, ctx.activation, ctx.slope)
+    return differentiable_grads(y, grad_output, [(input, needs[0]), (weight, needs[2]), (bias, needs[3]),
+                                                 (residual, needs[residual_index])])
 
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):

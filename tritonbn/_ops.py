@@ -252,16 +252,29 @@ def _differentiable_backward(ctx, grad_output, residual_index: int):
         else:
             residual = torch.zeros_like(input).requires_grad_(ctx.needs_input_grad[residual_index])
         z = z + residual
-    if ctx.activation == ACTIVATIONS["relu"]:
-        y = z * (kept.detach() > 0) if ctx.mask_from_output else F.relu(z)
-    elif ctx.activation == ACTIVATIONS["silu"]:
-        y = F.silu(z)
-    elif ctx.activation == ACTIVATIONS["leaky_relu"]:
-        y = F.leaky_relu(z, ctx.slope)
+    if ctx.activation == ACTIVATIONS["relu"] and ctx.mask_from_output:
+        y = z * (kept.detach() > 0)
     else:
-        y = z
+        y = torch_activation(z, ctx.activation, ctx.slope)
     needs = ctx.needs_input_grad
-    candidates = [(x, needs[0]), (w, needs[1]), (b, needs[2]), (residual, needs[residual_index])]
+    return differentiable_grads(y, grad_output, [(x, needs[0]), (w, needs[1]), (b, needs[2]),
+                                                 (residual, needs[residual_index])])
+
+
+def torch_activation(z: Tensor, activation: int, slope: float) -> Tensor:
+    """act(z) by torch's own ops, for an activation code (the second-derivative paths)."""
+    if activation == ACTIVATIONS["relu"]:
+        return F.relu(z)
+    if activation == ACTIVATIONS["silu"]:
+        return F.silu(z)
+    if activation == ACTIVATIONS["leaky_relu"]:
+        return F.leaky_relu(z, slope)
+    return z
+
+
+def differentiable_grads(y: Tensor, grad_output: Tensor, candidates: list) -> tuple:
+    """Gradients of y with create_graph, one per (tensor, wanted) candidate, None where not
+    wanted or not differentiable."""
     wanted = [t for t, needed in candidates if needed and t is not None and t.requires_grad]
     grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True, allow_unused=True))
     return tuple(next(grads) if needed and t is not None and t.requires_grad else None for t, needed in candidates)
