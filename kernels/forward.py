@@ -172,13 +172,13 @@ def _bn_fwd_one_launch_ncs(
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
-    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -196,7 +196,7 @@ def _bn_fwd_one_launch_ncs(
     tl.store(Var + c, var)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c < C, mean, var, momentum, momentum_lo,
-                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH, c == 0)
     slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -347,13 +347,13 @@ def _bn_fwd_one_launch_rows(
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
     Mean, Rstd, Var,  # [C] batch statistics out (ACC)
-    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     M, C, stride_m, y_stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -371,7 +371,8 @@ def _bn_fwd_one_launch_rows(
     tl.store(Var + c, var, mask=c_mask)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
-                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH,
+                            tl.program_id(0) == 0)
     slope = exact_scalar(slope, slope_lo, ACC)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     for m0 in range(0, M, BLOCK_M):
@@ -428,10 +429,11 @@ def _bn_fwd_normalize_rows(
 def _bn_fwd_combine(
     Parts,  # [3 * splits + 1, C] the statistics kernel's partial rows (ACC): see _partial_rows
     Mean, Rstd, Var,  # [C] out (ACC)
-    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: updated when UPDATE_RUNNING
+    RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     C, splits, eps, eps_lo,  # eps as a float pair (common.exact_scalar)
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     eps = exact_scalar(eps, eps_lo, ACC)
     # grid: cdiv(C, BLOCK_C). Partials are merged in a fixed order: the same bits every run.
@@ -456,7 +458,8 @@ def _bn_fwd_combine(
     tl.store(Var + c, var, mask=c_mask)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
-                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC)
+                            exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH,
+                            tl.program_id(0) == 0)
 
 
 COMBINE_BLOCK_C = PER_CHANNEL_BLOCK

@@ -13,6 +13,11 @@ the split route's combine kernel) through ``blend_running_stats``, behind an UPD
 constexpr; this standalone kernel serves SyncBatchNorm (whose count is on the device) and
 running buffers that are not contiguous. A tuned kernel with the update is only ever tuned
 with UPDATE_RUNNING off (kernels/tuning_cache.py): trial runs never apply it.
+
+With COUNT_BATCH the same kernel also counts the batch (num_batches_tracked += 1, program 0),
+which torch's module does with a separate ``add_``: one op dispatch (and on a GPU one launch)
+less per training step. Only with a fixed momentum: a cumulative average reads the counter in
+every program, which a write by program 0 could overtake, so there the host counts first.
 """
 
 import triton
@@ -23,8 +28,14 @@ from .common import exact_scalar
 
 @triton.jit
 def blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var,
-                        momentum, momentum_lo, bessel, CUMULATIVE: tl.constexpr, ACC: tl.constexpr):
-    """The update of channels c (mean, var: ACC values); bessel: M / (M - 1), as ACC values."""
+                        momentum, momentum_lo, bessel, CUMULATIVE: tl.constexpr, ACC: tl.constexpr,
+                        COUNT_BATCH: tl.constexpr = False, first_program=False):
+    """The update of channels c (mean, var: ACC values); bessel: M / (M - 1), as ACC values.
+    COUNT_BATCH: first_program (one program of the grid) adds 1 to the counter."""
+    tl.static_assert(not (CUMULATIVE and COUNT_BATCH), "a cumulative average is counted by the host")
+    if COUNT_BATCH:
+        if first_program:
+            tl.store(NumBatchesTracked, tl.load(NumBatchesTracked) + 1)
     if CUMULATIVE:
         factor = 1.0 / tl.load(NumBatchesTracked).to(ACC)
     else:
@@ -41,10 +52,11 @@ def blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, m
 def _bn_update_running_stats(
     RunningMean, RunningVar,  # [C] updated in place, in their own dtype
     Mean, Var,  # [C] batch mean and biased variance (ACC)
-    NumBatchesTracked,  # [] int64 counter, read when CUMULATIVE
+    NumBatchesTracked,  # [] int64 counter, read when CUMULATIVE, incremented when COUNT_BATCH
     Count,  # [C] element counts (ACC), read when DEVICE_COUNT
     C, momentum, momentum_lo, bessel, bessel_lo,  # float pairs (common.exact_scalar); bessel = M / (M - 1)
-    CUMULATIVE: tl.constexpr, DEVICE_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    CUMULATIVE: tl.constexpr, COUNT_BATCH: tl.constexpr, DEVICE_COUNT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # grid: cdiv(C, BLOCK_C).
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -57,4 +69,4 @@ def _bn_update_running_stats(
     else:
         bessel = exact_scalar(bessel, bessel_lo, ACC)
     blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
-                        bessel, CUMULATIVE, ACC)
+                        bessel, CUMULATIVE, ACC, COUNT_BATCH, tl.program_id(0) == 0)

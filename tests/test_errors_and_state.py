@@ -508,3 +508,102 @@ def test_zero_spatial_extent_is_an_empty_batch(dims, shape, training):
     _assert_close(ours.running_var, ref.running_var, rtol=0, atol=0)
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
     assert torch.equal(ours.weight.grad.cpu(), torch.zeros(3))
+
+
+# The batch counter: counted by the kernel that updates the running statistics (fixed
+# momentum), by the host first where the kernel cannot (momentum=None reads the count; running
+# buffers that are not contiguous take the standalone update; no running buffers at all).
+ROUTE_CASES = {
+    "ncs-one-launch": ((3, 3, 4, 5), None),
+    "rows-one-launch": ((3, 3, 4, 5), torch.channels_last),
+    "ncs-split": ((2, 3, 150, 150), None),
+    "rows-split": ((64, 3, 24, 24), torch.channels_last),
+}
+COUNTED = [(route, path) for route in ROUTE_CASES for path in ("autograd", "no_grad", "fused")] + [
+    (route, path) for route in ("ncs-one-launch", "ncs-split") for path in ("strided_buffers", "no_buffers", "sync")]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+@pytest.mark.parametrize("route,path", COUNTED, ids=[f"{r}-{p}" for r, p in COUNTED])
+def test_batches_are_counted_like_torch(route, path, momentum):
+    """num_batches_tracked after three training steps and one eval step equals torch's on every
+    route and path, and so do the outputs and running statistics (momentum=None blends by it)."""
+    ref, ours = _pair(2, momentum=momentum)
+    if path in ("fused", "sync"):
+        cls = tritonbn.SyncBatchNorm if path == "sync" else tritonbn.BatchNormAct2d
+        ours = cls(3, momentum=momentum).to(DEVICE)
+        ours.load_state_dict(ref.state_dict())
+    if path == "strided_buffers":
+        for module in (ref, ours):  # every other element of a longer buffer
+            for name in ("running_mean", "running_var"):
+                module._buffers[name] = module._buffers[name].repeat_interleave(2)[::2]
+    elif path == "no_buffers":  # a module that tracks, with its running buffers taken away
+        for module in (ref, ours):
+            module.running_mean = module.running_var = None
+    shape, memory_format = ROUTE_CASES[route]
+    atol, rtol = TOLERANCES[torch.float32]
+    x = _random_input(shape, memory_format=memory_format)
+    assert _launch.route(x) == route
+    for step in range(4):
+        training = step < 3
+        ref.train(training)
+        ours.train(training)
+        with torch.set_grad_enabled(path != "no_grad"):
+            x_ours = x.clone().requires_grad_(path != "no_grad")
+            y_ref = ref(x.cpu())
+            with triton_ran():
+                y = ours(x_ours)
+        if path == "fused":
+            y_ref = torch.relu(y_ref)
+        if path != "no_grad":
+            y.sum().backward()
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 5 + min(step + 1, 3)
+        torch.testing.assert_close(y.cpu(), y_ref.detach(), atol=atol, rtol=rtol)
+        if ref.running_mean is not None:
+            torch.testing.assert_close(ours.running_mean.cpu(), ref.running_mean, atol=atol, rtol=rtol)
+            torch.testing.assert_close(ours.running_var.cpu(), ref.running_var, atol=atol, rtol=rtol)
+
+
+def _swap_buffer(module, name, value):
+    def swap():
+        module._buffers[name] = value
+    return swap
+
+
+def _swap_parameter(module, name, value):
+    def swap():
+        module._parameters[name] = value
+    return swap
+
+
+def _set(module, name, value):
+    return lambda: setattr(module, name, value)
+
+
+INVALID_AFTER_VALID = {  # what makes the valid module invalid
+    "weight on another device": lambda m: _swap_parameter(m, "weight", torch.nn.Parameter(
+        torch.ones(3, device=OTHER_DEVICE))),
+    "weight of another size": lambda m: _swap_parameter(m, "weight", torch.nn.Parameter(torch.ones(4, device=DEVICE))),
+    "bias of another dtype": lambda m: _swap_parameter(m, "bias", torch.nn.Parameter(
+        torch.zeros(3, dtype=torch.float64, device=DEVICE))),
+    "running_var on another device": lambda m: _swap_buffer(m, "running_var", torch.ones(3, device=OTHER_DEVICE)),
+    "running_mean of another size": lambda m: _swap_buffer(m, "running_mean", torch.zeros(5, device=DEVICE)),
+    "running_var missing": lambda m: _swap_buffer(m, "running_var", None),
+    "eps of 0": lambda m: _set(m, "eps", 0.0),
+}
+
+
+@pytest.mark.parametrize("case", INVALID_AFTER_VALID)
+def test_a_built_launch_plan_never_admits_an_invalid_call(case):
+    """Eager calls are checked when their launch plan is built, and a plan is found by a key of
+    everything the checks read: after a valid call, the same call made invalid in one respect
+    must still be refused like torch, launch nothing and change nothing."""
+    ref, ours = _pair(2)
+    x = _random_input(VALID_SHAPE[2], device="cpu")
+    with triton_ran():
+        ours(x.to(DEVICE).requires_grad_(True)).sum().backward()  # the valid call's plans exist now
+    ref(x)
+    for module in (ref, ours):
+        INVALID_AFTER_VALID[case](module)()
+    _assert_rejected_like_torch(lambda: ours(x.to(DEVICE).requires_grad_(True)), lambda: ref(x), [ours],
+                                exact_message=False)

@@ -157,10 +157,12 @@ def test_tuning_never_applies_the_running_update_twice(monkeypatch, tmp_path):
         ours(x)
     ref(x)
     assert len(runs) == 2, "both configs should have been benchmarked"
+    assert int(ours.num_batches_tracked) == 1, "the kernel counts the batch once, not per trial"
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
     ours(x)  # tuned now: one launch with the update
     ref(x)
     assert len(runs) == 2
+    assert int(ours.num_batches_tracked) == 2
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)

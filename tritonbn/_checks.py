@@ -81,6 +81,13 @@ def check_batch_norm_args(
         check_eps(eps, training)
 
 
+def check_momentum(momentum: float | None, num_batches_tracked: torch.Tensor | None, training: bool,
+                   running_mean: torch.Tensor | None) -> None:
+    """momentum=None (a cumulative average) needs a module's counter to average over."""
+    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
+        raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")
+
+
 def check_eps(eps: float, training: bool) -> None:
     """torch 2.13+'s rule (``F.batch_norm``), applied on every torch version tritonbn supports.
 

@@ -21,6 +21,7 @@ import torch
 
 from ._launch import (
     _INT32_LIMIT,
+    NO_RUNNING_UPDATE,
     _aligned,
     _empty,
     _empty_like,
@@ -131,8 +132,8 @@ class _ForwardPlan:
             # forward.py's Chan merge, with one "channel" per (sample, group); no running statistics.
             _Launch(fwd_kernels._bn_fwd_combine, cfg.per_channel_grid(gv.pairs),
                     dict(C=gv.pairs, splits=self.splits, **_pairs(eps=eps, momentum=0.0, bessel=1.0)),
-                    {"UPDATE_RUNNING": False, "CUMULATIVE": False, "ACC": meta["ACC"],
-                     "BLOCK_C": cfg.PER_CHANNEL_BLOCK}, replayable),
+                    {**NO_RUNNING_UPDATE, "ACC": meta["ACC"], "BLOCK_C": cfg.PER_CHANNEL_BLOCK},
+                    replayable),
             _Launch(gn_kernels._gn_fwd_normalize, grid, {**_chunked(gv, self.splits, s_chunk), **_pairs(slope=slope)},
                     meta, replayable),
         ]

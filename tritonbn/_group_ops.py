@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _group_launch
 from ._launch import accumulation_dtype
 from ._layout import canonical_input
-from ._ops import c_apply, differentiable_grads, torch_activation, transforms_active, unwrap_if_dead
+from ._ops import c_apply, differentiable_grads, direct_backward, torch_activation, transforms_active, unwrap_if_dead
 
 
 @torch.library.custom_op("tritonbn::group_norm_fwd", mutates_args=())
@@ -186,12 +186,14 @@ class GroupNormFunction(torch.autograd.Function):
 
 
 _function_apply = c_apply(GroupNormFunction)
+direct_backward(GroupNormFunction)
 
 
 def apply_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                      residual: Tensor | None, spec: tuple) -> Tensor:
-    """``GroupNormFunction.apply`` without its Python wrapper (see tritonbn/_ops.py's
-    apply_batch_norm): dead functorch wrappers unwrapped, transforms take the wrapper."""
+    """``GroupNormFunction.apply`` without its Python wrapper (as tritonbn/functional.py's
+    _batch_norm calls BatchNormFunction): dead functorch wrappers unwrapped, transforms take
+    the wrapper."""
     if transforms_active():
         return GroupNormFunction.apply(input, num_groups, weight, bias, residual, spec)
     return _function_apply(

@@ -31,11 +31,13 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ._checks import check_batch_norm_args, check_fusion_args, check_momentum
 from ._layout import CanonicalView, canonical_input, like_layout, same_layout
 from .kernels import backward as bwd_kernels
 from .kernels import configs as cfg
 from .kernels import forward as fwd_kernels
 from .kernels import running_stats as rs_kernels
+from .kernels.activation import RELU
 
 # Number of Triton kernel launches so far. Tests read it to prove that the kernels ran (and
 # not a silent fallback to torch's own batch norm); the host-cost report counts with it.
@@ -57,6 +59,13 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=device)
     return out.fill_(float("nan")) if poison_outputs else out
+
+
+def _poison(*tensors: torch.Tensor | None) -> None:
+    """poison_outputs for buffers the hot paths allocate themselves."""
+    for t in tensors:
+        if t is not None:
+            t.fill_(float("nan"))
 
 
 # Triton's interpreter patches triton.language globally for the length of a launch, so two
@@ -87,8 +96,8 @@ class _Launch:
     argument values; later calls replay them.
     """
 
-    __slots__ = ("kernel", "grid", "scalars", "meta", "replayable", "compiled", "fixed", "grid3", "device",
-                 "on_device", "stream")
+    __slots__ = ("kernel", "grid", "scalars", "meta", "replayable", "compiled", "run", "function", "packed_metadata",
+                 "fixed", "grid3", "device", "stream")
 
     def __init__(self, kernel, grid, scalars: dict, meta: dict, replayable: bool) -> None:
         self.kernel = kernel
@@ -97,14 +106,16 @@ class _Launch:
         self.meta = meta
         self.replayable = replayable and not cfg.INTERPRETER
         self.compiled = None
+        self.run = None  # the compiled kernel's launcher, once recorded
 
     def __call__(self, *tensors: torch.Tensor) -> None:
         global launch_count
-        compiled = self.compiled
-        if compiled is not None and not _ENTER_HOOKS.calls and not _EXIT_HOOKS.calls and self.on_device():
+        run = self.run
+        if (run is not None and not _ENTER_HOOKS.calls and not _EXIT_HOOKS.calls
+                and (self.device < 0 or torch._C._cuda_getDevice() == self.device)):
             launch_count += 1
-            compiled.run(*self.grid3, self.stream(self.device), compiled.function, compiled.packed_metadata,
-                         None, None, None, *tensors, *self.fixed)
+            run(*self.grid3, self.stream(self.device), self.function, self.packed_metadata, None, None, None,
+                *tensors, *self.fixed)
             return
         self._run_and_record(tensors)
 
@@ -129,13 +140,12 @@ class _Launch:
             self.grid3 = grid3
             driver = triton.runtime.driver.active
             self.stream = driver.get_current_stream
-            if tensors[0].is_cuda:
-                # The compiled kernel was loaded on this device: replay only while it is current.
-                self.device = tensors[0].get_device()
-                self.on_device = lambda: torch._C._cuda_getDevice() == self.device
-            else:  # perf/mock_driver.py
-                self.device = driver.get_current_device()
-                self.on_device = lambda: True
+            # The compiled kernel was loaded on this device: replay only while it is current (-1:
+            # perf/mock_driver.py's CPU tensors, on its one device).
+            self.device = tensors[0].get_device() if tensors[0].is_cuda else -1
+            # What Triton's own launch reads from the compiled kernel (run: a property, which loads
+            # the module on first use), read once.
+            self.run, self.function, self.packed_metadata = compiled.run, compiled.function, compiled.packed_metadata
             self.compiled = compiled
 
 
@@ -220,8 +230,8 @@ def _common_meta(x: torch.Tensor, view: CanonicalView) -> dict:
 class _ForwardPlan:
     """Everything a forward with one call signature launches, decided once."""
 
-    def __init__(self, x, view, dense_copy, residual_copy, training, update, cumulative, count, eps, momentum,
-                 slope, flags, replayable):
+    def __init__(self, x, view, dense_copy, residual_copy, training, update, cumulative, count_batch, count, eps,
+                 momentum, slope, flags, replayable):
         c = view.c
         self.c = c
         self.acc = accumulation_dtype(x.dtype)
@@ -230,11 +240,14 @@ class _ForwardPlan:
         self.empty = view.m == 0 or c == 0
         self.split = False
         self.launches: list[_Launch] = []
-        self._scratch = None
+        # [C] ACC values that kernels write and nothing reads (the variance when not kept):
+        # shared by every call of the plan, on any stream, as concurrent writes are harmless.
+        self.var_scratch = torch.empty(c, dtype=self.acc, device=x.device)
+        self.backward_plans: dict = {}  # _BackwardPlan by backward(forward_plan=...)'s short key
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags}
-        running = {"UPDATE_RUNNING": update, "CUMULATIVE": cumulative}
+        running = {"UPDATE_RUNNING": update, "CUMULATIVE": cumulative, "COUNT_BATCH": count_batch}
         blend = _pairs(momentum=momentum, bessel=count / max(count - 1, 1))
         if not training:
             self.launches.append(_normalize_launch(view, eps, slope, meta, True, replayable))
@@ -258,13 +271,6 @@ class _ForwardPlan:
         combine = _combine_launch(c, self.splits, eps, blend, running, meta["ACC"], replayable)
         self.launches += [stats, combine, _normalize_launch(view, eps, slope, meta, False, replayable)]
 
-    def scratch(self, device: torch.device) -> torch.Tensor:
-        """[C] ACC values that kernels may write and nothing reads (the variance when not kept).
-
-        Shared by every call of the plan, on any stream: concurrent writes are harmless."""
-        if self._scratch is None:
-            self._scratch = torch.empty(self.c, dtype=self.acc, device=device)
-        return self._scratch
 
 
 def _stats_launch(x, view, replayable) -> tuple[_Launch, int]:
@@ -281,7 +287,7 @@ def _stats_launch(x, view, replayable) -> tuple[_Launch, int]:
                         bucket=cfg.tuning_bucket(view.c, chunk_a)), _common_meta(x, view), replayable), splits
 
 
-_NO_RUNNING_UPDATE = {"UPDATE_RUNNING": False, "CUMULATIVE": False}
+NO_RUNNING_UPDATE = {"UPDATE_RUNNING": False, "CUMULATIVE": False, "COUNT_BATCH": False}
 
 
 def _combine_launch(c, splits, eps, blend, running, acc, replayable) -> _Launch:
@@ -301,6 +307,20 @@ def _normalize_launch(view, eps, slope, meta, from_running, replayable) -> _Laun
                        bucket=cfg.tuning_bucket(view.c, view.m))
     return _Launch(kernel, grid, {**scalars, **_pairs(eps=eps, slope=slope)}, {**meta, "FROM_RUNNING": from_running},
                    replayable)
+
+
+class BackwardInfo:
+    """What a backward needs to know of its forward call besides the saved tensors (eager
+    calls find it in their forward plan: _ForwardPlan.backward_info)."""
+
+    __slots__ = ("training", "eps", "activation", "slope", "has_residual", "mask_from_output", "param_dtype")
+
+    def __init__(self, input, weight, bias, residual, training, eps, activation, slope) -> None:
+        self.training, self.eps, self.activation, self.slope = training, eps, activation, slope
+        self.has_residual = residual is not None
+        self.mask_from_output = activation == RELU  # relu: the saved tensor is y (tritonbn/_ops.py)
+        param = weight if weight is not None else bias
+        self.param_dtype = param.dtype if param is not None else accumulation_dtype(input.dtype)
 
 
 _forward_plans: dict = {}
@@ -325,35 +345,52 @@ def forward(
     """y = act(BN(x) + residual) and the per-channel (mean, rstd, biased var) used (ACC).
 
     training: batch statistics, and the running ones updated in place when given (blend
-    factor ``momentum``, or 1 / ``num_batches_tracked`` read on the device when it is given);
-    otherwise the running statistics normalise. activation is one of kernels/activation.py's
-    codes (0: none). keep_var=False: the variance is not returned (None; the kernels write it
-    to a scratch buffer that nothing reads), which saves an allocation per call.
+    factor ``momentum``, or with ``momentum=None`` 1 / ``num_batches_tracked`` read on the
+    device); otherwise the running statistics normalise. ``num_batches_tracked`` (a training
+    module's counter) is counted: + 1 by the kernel that updates the running statistics, or
+    by the host before the launches when the kernel cannot (a cumulative average, no folded
+    update). activation is one of kernels/activation.py's
+    codes (0: none). keep_var=False (the eager autograd path): the variance is written to a
+    scratch buffer that nothing reads (an allocation less per call), and the fourth value is
+    the launch plan instead, which ``backward(forward_plan=...)`` finds its own plan through.
     """
-    update = training and running_mean is not None
-    key = (x.shape, x.stride(), x.dtype, x.device, training, update, num_batches_tracked is not None,
-           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           None if running_mean is None else (running_mean.dtype, running_var.dtype,
-                                              running_mean.stride(), running_var.stride()),
-           None if residual is None else residual.stride(), activation, eps, slope, momentum,
-           _aligned(x, weight, bias, running_mean, running_var, residual, num_batches_tracked),
-           torch._C._get_deterministic_algorithms())
+    # Everything the argument checks read is in the key (and a plan is only built for arguments
+    # that pass them): a call that finds its plan is valid without checking again. Pointers
+    # 16-byte aligned (%): Triton specialises on it, so a replay needs the same.
+    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % _ALIGNMENT, training,
+           None if weight is None else (weight.dtype, weight.numel(), weight.device, weight.data_ptr() % _ALIGNMENT),
+           None if bias is None else (bias.dtype, bias.numel(), bias.device, bias.data_ptr() % _ALIGNMENT),
+           None if running_mean is None else (running_mean.dtype, running_mean.numel(), running_mean.device,
+                                              running_mean.is_contiguous(), running_mean.data_ptr() % _ALIGNMENT),
+           None if running_var is None else (running_var.dtype, running_var.numel(), running_var.device,
+                                             running_var.is_contiguous(), running_var.data_ptr() % _ALIGNMENT),
+           None if num_batches_tracked is None else (num_batches_tracked.device,
+                                                     num_batches_tracked.data_ptr() % _ALIGNMENT),
+           None if residual is None else (residual.stride(), residual.shape, residual.dtype, residual.device,
+                                          residual.data_ptr() % _ALIGNMENT),
+           activation, eps, slope, momentum, torch._C._get_deterministic_algorithms())
     plan = _forward_plans.get(key)
     if plan is None:
-        plan = _forward_plans[key] = _build_forward_plan(key, x, weight, bias, running_mean, running_var, training,
-                                                        update, eps, residual, activation, slope, momentum,
+        plan = _forward_plans[key] = _build_forward_plan(x, weight, bias, running_mean, running_var, training,
+                                                        eps, residual, activation, slope, momentum,
                                                         num_batches_tracked)
+    if num_batches_tracked is not None and not plan.count_in_kernel:
+        num_batches_tracked.add_(1)
     if plan.dense_copy:
         x = x.contiguous()
-    y = _empty_like(x)
-    device = x.device
-    acc, c = plan.acc, plan.c
-    mean = _empty(c, acc, device)
-    rstd = _empty(c, acc, device)
-    var = _empty(c, acc, device) if keep_var or plan.empty else plan.scratch(device)
+    c = plan.c
+    # Allocated here, not through _empty, and as new_empty of a buffer of the right dtype and
+    # device: this runs on every call (host cost).
+    var_scratch = plan.var_scratch
+    y = torch.empty_like(x)
+    mean = var_scratch.new_empty(c)
+    rstd = var_scratch.new_empty(c)
+    var = var_scratch.new_empty(c) if keep_var or plan.empty else var_scratch
+    if poison_outputs:
+        _poison(y, mean, rstd, var)
     if plan.empty:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
-        return y, mean.zero_(), rstd.zero_(), var.zero_()
+        return y, mean.zero_(), rstd.zero_(), var.zero_() if keep_var else plan
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
     r = residual if residual is not None else y
@@ -363,7 +400,7 @@ def forward(
     launches = plan.launches
     if not training:
         launches[0](x, y, r, w, b, running_mean.contiguous(), running_var.contiguous(), mean, mean, rstd, var)
-        return y, mean, rstd, var if keep_var else None
+        return y, mean, rstd, var if keep_var else plan
     if plan.update:
         rm, rv = running_mean, running_var
         nbt = num_batches_tracked if num_batches_tracked is not None else mean
@@ -373,18 +410,28 @@ def forward(
         launches[0](x, y, r, w, b, mean, rstd, var, rm, rv, nbt)
     else:
         splits = plan.splits
-        parts = _empty((3 * splits + 1, c), acc, device)  # counts, means, M2s, pivots (kernels/forward.py)
+        parts = var_scratch.new_empty((3 * splits + 1, c))  # counts, means, M2s, pivots (kernels/forward.py)
+        if poison_outputs:
+            _poison(parts)
         launches[0](x, parts)
         launches[1](parts, mean, rstd, var, rm, rv, nbt)
         launches[2](x, y, r, w, b, mean, mean, rstd, mean, rstd, mean)
-    if plan.separate_update:
-        update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
+    if plan.separate_update:  # the batch is counted above
+        update_running_stats(running_mean, running_var, mean, var, num_batches_tracked if momentum is None else None,
                              0.0 if momentum is None else momentum, plan.count)
-    return y, mean, rstd, var if keep_var else None
+    return y, mean, rstd, var if keep_var else plan
 
 
-def _build_forward_plan(key, x, weight, bias, running_mean, running_var, training, update, eps, residual, activation,
+def _build_forward_plan(x, weight, bias, running_mean, running_var, training, eps, residual, activation,
                         slope, momentum, num_batches_tracked) -> _ForwardPlan:
+    check_batch_norm_args(x, running_mean, running_var, weight, bias, training, eps)
+    check_momentum(momentum, num_batches_tracked, training, running_mean)
+    if residual is not None:
+        check_fusion_args(x, residual, None)
+    if num_batches_tracked is not None and num_batches_tracked.device != x.device:
+        raise RuntimeError(f"num_batches_tracked is on {num_batches_tracked.device}, the input on {x.device}: "
+                           "move the module to the input's device")
+    update = training and running_mean is not None
     dense, view = canonical_input(x)
     residual_copy = residual is not None and not same_layout(residual, dense)
     flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
@@ -393,12 +440,18 @@ def _build_forward_plan(key, x, weight, bias, running_mean, running_var, trainin
     # Running buffers that are not contiguous are updated by the standalone kernel (which
     # copies back); the folded update writes them in place through unit strides.
     separate_update = update and not (running_mean.is_contiguous() and running_var.is_contiguous())
-    replayable = key[-2]  # every tensor aligned as it will be on every call with this key
-    plan = _ForwardPlan(dense, view, dense is not x, residual_copy, training, update and not separate_update,
-                        num_batches_tracked is not None, count, eps, 0.0 if momentum is None else momentum, slope,
-                        flags, replayable)
-    plan.update = update and not separate_update  # folded into the last kernel
+    folded_update = update and not separate_update
+    counted = training and num_batches_tracked is not None
+    cumulative = counted and momentum is None
+    count_in_kernel = counted and folded_update and not cumulative and count > 0 and dense.shape[1] > 0
+    # every tensor aligned as it will be on every call with this key
+    replayable = _aligned(x, weight, bias, running_mean, running_var, residual, num_batches_tracked)
+    plan = _ForwardPlan(dense, view, dense is not x, residual_copy, training, folded_update, cumulative,
+                        count_in_kernel, count, eps, 0.0 if momentum is None else momentum, slope, flags, replayable)
+    plan.backward_info = BackwardInfo(x, weight, bias, residual, training, eps, activation, slope)
+    plan.update = folded_update  # folded into the last kernel
     plan.separate_update = separate_update
+    plan.count_in_kernel = count_in_kernel
     plan.count = count
     return plan
 
@@ -420,7 +473,7 @@ def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
 
 def _combine(parts, splits, mean, rstd, var, eps) -> None:
     """Merge [3 * splits + 1, C] partial rows (kernels/forward.py's layout) in order."""
-    combine = _combine_launch(parts.shape[1], splits, eps, _pairs(momentum=0.0, bessel=1.0), _NO_RUNNING_UPDATE,
+    combine = _combine_launch(parts.shape[1], splits, eps, _pairs(momentum=0.0, bessel=1.0), NO_RUNNING_UPDATE,
                               _tl_acc(parts.dtype), replayable=False)
     combine(parts, mean, rstd, var, mean, mean, mean)
 
@@ -474,14 +527,18 @@ class _BackwardPlan:
     less than recomputing dz from dy and the output (or residual) a second time.
     """
 
-    def __init__(self, x, view, dense_copy, dy_copy, residual_copy, training, param_grads, residual_grad,
-                 flags, slope, replayable):
+    def __init__(self, x, view, dense_copy, dy_copy, residual_copy, training, param_grads, param_dtype,
+                 residual_grad, flags, slope, replayable):
         c = view.c
         self.c = c
         self.acc = accumulation_dtype(x.dtype)
         self.dense_copy, self.dy_copy, self.residual_copy = dense_copy, dy_copy, residual_copy
         self.empty = view.m == 0 or c == 0
         self.grads_size = c if (param_grads or training) else 0
+        # dweight and dbias are allocated as new_empty of this (dtype and device given: the
+        # cheapest allocation call from Python, and this runs on every backward).
+        self.grads_prototype = torch.empty(0, dtype=param_dtype, device=x.device)
+        self.sums_prototype = torch.empty(0, dtype=self.acc, device=x.device)  # the split route's ACC sums
         self.residual_grad = residual_grad
         self.route = "dx"
         self.launches: list[_Launch] = []
@@ -560,33 +617,43 @@ def backward(
     slope: float = 0.0,
     residual_grad: bool = False,
     residual_is_output: bool = False,
+    forward_plan: _ForwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual); dweight and dbias are empty when not asked for,
     dresidual is None.
 
     bias and residual are needed only to recompute the pre-activation z when an activation
     is fused; with ``residual_is_output`` the ``residual`` argument is the forward's output,
-    whose sign gives relu's and leaky_relu's mask.
+    whose sign gives relu's and leaky_relu's mask. ``forward_plan``: the plan of the forward
+    that saved these tensors (``forward(keep_var=False)``), whose key already holds
+    everything about them; only dy and the gradients asked for are looked up then.
     """
-    key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, training, param_grads, param_dtype,
-           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
-           None if residual is None else (residual.stride(), residual.dtype), activation, slope, residual_grad,
-           residual_is_output, _aligned(dy, x, weight, bias, residual), torch._C._get_deterministic_algorithms())
-    plan = _backward_plans.get(key)
-    if plan is None:
-        plan = _backward_plans[key] = _build_backward_plan(key, dy, x, weight, bias, training, param_grads, residual,
-                                                          activation, slope, residual_grad, residual_is_output)
+    deterministic = torch._C._get_deterministic_algorithms()
+    if forward_plan is not None:
+        short_key = (dy.stride(), dy.dtype, param_grads, residual_grad, dy.data_ptr() % _ALIGNMENT == 0,
+                     deterministic)
+        plan = forward_plan.backward_plans.get(short_key)
+        if plan is None:
+            plan = forward_plan.backward_plans[short_key] = _backward_plan(
+                dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
+                residual_is_output, deterministic)
+    else:
+        plan = _backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
+                              residual_grad, residual_is_output, deterministic)
     if plan.dense_copy:
         x = x.contiguous()
     if plan.dy_copy:
         dy = torch.empty_like(x).copy_(dy)
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
-    device = x.device
-    dx = _empty_like(x)
-    dweight = _empty(plan.grads_size, param_dtype, device)
-    dbias = _empty(plan.grads_size, param_dtype, device)
-    dresidual = _empty_like(x) if residual_grad else None
+    # Allocated here, not through _empty, and as new_empty of a buffer of the right dtype and
+    # device: this runs on every call (host cost).
+    dx = torch.empty_like(x)
+    dweight = plan.grads_prototype.new_empty(plan.grads_size)
+    dbias = plan.grads_prototype.new_empty(plan.grads_size)
+    dresidual = torch.empty_like(x) if residual_grad else None
+    if poison_outputs:
+        _poison(dx, dweight, dbias, dresidual)
     if plan.empty:
         return dx, dweight.zero_(), dbias.zero_(), dresidual
     w = weight.contiguous() if weight is not None else mean
@@ -599,9 +666,11 @@ def backward(
     elif plan.route == "one-launch":
         launches[0](x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias)
     else:
-        splits, c, acc = plan.splits, plan.c, plan.acc
-        parts = _empty((2 * splits, c), acc, device)  # partial sums of dz, then of dz * xhat
-        sums = _empty((2, c), acc, device)
+        splits, c = plan.splits, plan.c
+        parts = plan.sums_prototype.new_empty((2 * splits, c))  # partial sums of dz, then of dz * xhat
+        sums = plan.sums_prototype.new_empty((2, c))
+        if poison_outputs:
+            _poison(parts, sums)
         dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz
         launches[0](x, dy, r, dz, w, b, mean, rstd, parts)
         launches[1](parts, sums, dweight, dbias)
@@ -609,14 +678,28 @@ def backward(
     return dx, dweight, dbias, dresidual
 
 
-def _build_backward_plan(key, dy, x, weight, bias, training, param_grads, residual, activation, slope, residual_grad,
-                         residual_is_output) -> _BackwardPlan:
+def _backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
+                   residual_is_output, deterministic) -> _BackwardPlan:
+    key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, training, param_grads, param_dtype,
+           None if weight is None else weight.dtype, None if bias is None else bias.dtype,
+           None if residual is None else (residual.stride(), residual.dtype), activation, slope, residual_grad,
+           residual_is_output, _aligned(dy, x, weight, bias, residual), deterministic)
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans[key] = _build_backward_plan(key, dy, x, weight, bias, training, param_grads,
+                                                          param_dtype, residual, activation, slope, residual_grad,
+                                                          residual_is_output)
+    return plan
+
+
+def _build_backward_plan(key, dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
+                         residual_grad, residual_is_output) -> _BackwardPlan:
     dense, view = canonical_input(x)
     flags = {"HAS_WEIGHT": weight is not None, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
              "ACTIVATION": activation, "R_IS_OUTPUT": residual_is_output}
     return _BackwardPlan(dense, view, dense is not x, not same_layout(dy, dense),
                          residual is not None and not same_layout(residual, dense), training, param_grads,
-                         residual_grad, flags, slope, replayable=key[-2])
+                         param_dtype, residual_grad, flags, slope, replayable=key[-2])
 
 
 def _plain_backward_meta(x, view, weight):
@@ -679,21 +762,27 @@ def update_running_stats(
     momentum: float,
     count: int,
     device_count: torch.Tensor | None = None,
+    count_batch: bool = False,
 ) -> None:
     """In place: blend the batch statistics into the running ones (see the kernel's formula).
 
     The standalone kernel: a training forward folds the same update into its last kernel;
     this serves torch.compile's separate op, SyncBatchNorm (``device_count``, [C] on the
     device, replaces the host ``count`` when only the device knows it) and running buffers
-    that are not contiguous.
+    that are not contiguous. ``num_batches_tracked`` given: the blend factor is 1 / its value
+    (a cumulative average), unless ``count_batch``, where the kernel adds 1 to it instead
+    (a fixed ``momentum``).
     """
     c = mean.numel()
     if c == 0 or (count == 0 and device_count is None):
+        if count_batch:
+            num_batches_tracked.add_(1)
         return
     targets = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var)]
     update = _Launch(rs_kernels._bn_update_running_stats, cfg.per_channel_grid(c),
                      dict(C=c, **_pairs(momentum=momentum, bessel=count / max(count - 1, 1))),
-                     dict(CUMULATIVE=num_batches_tracked is not None, DEVICE_COUNT=device_count is not None,
+                     dict(CUMULATIVE=num_batches_tracked is not None and not count_batch, COUNT_BATCH=count_batch,
+                          DEVICE_COUNT=device_count is not None,
                           ACC=_tl_acc(mean.dtype), BLOCK_C=cfg.PER_CHANNEL_BLOCK), replayable=False)
     update(targets[0], targets[1], mean, var, num_batches_tracked if num_batches_tracked is not None else mean,
            device_count if device_count is not None else mean)

@@ -111,48 +111,46 @@ def _setup_context(ctx, inputs, output) -> None:
     y, mean, rstd, var = output
     ctx.mark_non_differentiable(mean, rstd, var)  # statistics: nothing differentiates them
     # The op's outputs, detached: on ctx directly they would hold the graph node that holds ctx.
-    _save_for_backward(ctx, input, weight, bias, residual, y, mean.detach(), rstd.detach(), training, eps, activation,
-                       slope)
+    _save_for_backward(ctx, input, weight, bias, residual, y, mean.detach(), rstd.detach(), activation)
+    ctx.info = _launch.BackwardInfo(input, weight, bias, residual, training, eps, activation, slope)
 
 
-def _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, training, eps, activation, slope) -> None:
+def _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, activation) -> None:
     # relu's act'(z) needs only z's sign, which its output has: torch's relu saves its output
     # too, so the same tensors stay alive and an in-place change of y fails backward in both.
     # Holding the residual instead could keep a tensor alive that torch frees (a downsample
     # branch's output). silu and leaky_relu save their input in torch (y may be changed in
     # place afterwards): z is recomputed here from x and the residual.
-    ctx.mask_from_output = activation == ACTIVATIONS["relu"]
-    kept = y if ctx.mask_from_output else (residual if activation else None)
-    ctx.save_for_backward(input, weight, bias, kept)
+    kept = y if activation == ACTIVATIONS["relu"] else (residual if activation else None)
+    # The kernels read the bias only to recompute a pre-activation (torch's batch_norm does not
+    # save it); the second-derivative path differentiates through it (ctx.bias: an input of
+    # the op, so holding it makes no reference cycle).
+    ctx.save_for_backward(input, weight, bias if activation else None, kept)
+    ctx.bias = bias
     # Intermediates (neither inputs nor outputs of the op's graph node): kept on ctx directly.
     ctx.stats = (mean, rstd)
-    ctx.training = training
-    ctx.eps = eps
-    ctx.activation = activation
-    ctx.slope = slope
-    ctx.has_residual = residual is not None
-    param = weight if weight is not None else bias
-    ctx.param_dtype = param.dtype if param is not None else _launch.accumulation_dtype(input.dtype)
 
 
-def _grads(ctx, grad_output, launch_backward, residual_index: int) -> tuple:
+def _grads(ctx, info: _launch.BackwardInfo, grad_output, launch_backward, residual_index: int,
+           *launch_options) -> tuple:
     """(grad input, grad weight, grad bias, grad residual), None where not wanted.
 
-    Inputs: input 0, weight 1, bias 2, the residual at residual_index.
+    Inputs: input 0, weight 1, bias 2, the residual at residual_index. launch_options go to
+    launch_backward.
     """
     if torch.is_grad_enabled():
         # create_graph=True: a gradient of this gradient is wanted (gradient penalties, MAML).
-        return _differentiable_backward(ctx, grad_output, residual_index)
+        return _differentiable_backward(ctx, info, grad_output, residual_index)
     input, weight, bias, kept = ctx.saved_tensors
     mean, rstd = ctx.stats
     needs = ctx.needs_input_grad
     needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[residual_index]
     if grad_output is None:
         grad_output = torch.zeros_like(input)
-    grad_residual_wanted = bool(needs_residual and ctx.has_residual)
+    grad_residual_wanted = bool(needs_residual and info.has_residual)
     grad_input, grad_weight, grad_bias, grad_residual = launch_backward(
-        grad_output, input, weight, bias, mean, rstd, ctx.training, needs_weight or needs_bias, ctx.param_dtype,
-        kept, ctx.activation, ctx.slope, grad_residual_wanted, ctx.mask_from_output,
+        grad_output, input, weight, bias, mean, rstd, info.training, needs_weight or needs_bias, info.param_dtype,
+        kept, info.activation, info.slope, grad_residual_wanted, info.mask_from_output, *launch_options,
     )
     return (
         grad_input if needs_input else None,
@@ -163,7 +161,8 @@ def _grads(ctx, grad_output, launch_backward, residual_index: int) -> tuple:
 
 
 def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
-    grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, grad_output, torch.ops.tritonbn.batch_norm_bwd, 7)
+    grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, ctx.info, grad_output,
+                                                               torch.ops.tritonbn.batch_norm_bwd, 7)
     return grad_input, grad_weight, grad_bias, None, None, None, None, grad_residual, None, None
 
 
@@ -181,14 +180,17 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, spec):
         running_mean, running_var, num_batches_tracked, training, eps, activation, slope, momentum = spec
-        y, mean, rstd, _ = _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual,
-                                           activation, slope, momentum, num_batches_tracked, keep_var=False)
-        _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, training, eps, activation, slope)
+        y, mean, rstd, ctx.plan = _launch.forward(input, weight, bias, running_mean, running_var, training, eps,
+                                                  residual, activation, slope, momentum, num_batches_tracked,
+                                                  keep_var=False)
+        _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, activation)
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, grad_output, _launch.backward, 3)
+        plan = ctx.plan
+        grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, plan.backward_info, grad_output,
+                                                                   _launch.backward, 3, plan)
         return grad_input, grad_weight, grad_bias, grad_residual, None
 
 
@@ -199,28 +201,23 @@ def c_apply(function: type) -> object:
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, function)
 
 
-_function_apply = c_apply(BatchNormFunction)
+def direct_backward(function: type) -> None:
+    """Have the autograd engine call ``function.backward`` itself.
+
+    The engine calls a node's ``apply``; torch's (BackwardCFunction.apply) first looks, in
+    Python, for a ``vjp`` and a boxed-gradients flag, which tritonbn's Functions do not define,
+    and then calls ``backward``: the same call, one frame and three lookups later."""
+    assert function.vjp is torch.autograd.Function.vjp and not getattr(function, "boxed_grads_call", False)
+    function._backward_cls.apply = function.backward
+
+
+batch_norm_function_apply = c_apply(BatchNormFunction)
+direct_backward(BatchNormFunction)
 transforms_active = torch._C._are_functorch_transforms_active
 unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
-def apply_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-                     spec: tuple) -> Tensor:
-    """``BatchNormFunction.apply``, at a quarter of the wrapper's host cost: what the wrapper
-    does for a Function without setup_context (unwrap tensors that outlived a functorch
-    transform) is done here; under an active transform the wrapper runs."""
-    if transforms_active():
-        return BatchNormFunction.apply(input, weight, bias, residual, spec)
-    return _function_apply(
-        unwrap_if_dead(input),
-        None if weight is None else unwrap_if_dead(weight),
-        None if bias is None else unwrap_if_dead(bias),
-        None if residual is None else unwrap_if_dead(residual),
-        spec,
-    )
-
-
-def _differentiable_backward(ctx, grad_output, residual_index: int):
+def _differentiable_backward(ctx, info: _launch.BackwardInfo, grad_output, residual_index: int):
     """The backward as torch operations that autograd can differentiate again.
 
     The forward is recomputed with torch's own ops (batch statistics through
@@ -228,7 +225,8 @@ def _differentiable_backward(ctx, grad_output, residual_index: int):
     constants), then differentiated with create_graph. Slower than the kernels; only taken
     when a second derivative is asked for.
     """
-    input, weight, bias, kept = ctx.saved_tensors
+    input, weight, _, kept = ctx.saved_tensors
+    bias = ctx.bias
     mean, rstd = ctx.stats
     # The saved tensors themselves (not detached copies): the gradients returned must stay
     # connected to the original inputs for the second derivative to reach them.
@@ -237,25 +235,25 @@ def _differentiable_backward(ctx, grad_output, residual_index: int):
     # walk back into this op's backward through them.
     mean, rstd = mean.detach(), rstd.detach()
     view = [1, -1] + [1] * (input.dim() - 2)
-    if ctx.training:
-        z = F.batch_norm(x, None, None, w, b, True, 0.0, ctx.eps)
+    if info.training:
+        z = F.batch_norm(x, None, None, w, b, True, 0.0, info.eps)
     else:
         z = (x - mean.view(view)) * rstd.view(view)
         z = z * w.view(view) if w is not None else z
         z = (z + b.view(view) if b is not None else z).to(input.dtype)
     residual = None
-    if ctx.has_residual:
+    if info.has_residual:
         # relu kept its output, not the residual: relu's mask does not depend on the residual's
         # value to first order, so a zero stand-in gives the right derivatives.
-        if ctx.activation and not ctx.mask_from_output:
+        if info.activation and not info.mask_from_output:
             residual = kept
         else:
             residual = torch.zeros_like(input).requires_grad_(ctx.needs_input_grad[residual_index])
         z = z + residual
-    if ctx.activation == ACTIVATIONS["relu"] and ctx.mask_from_output:
+    if info.activation == ACTIVATIONS["relu"] and info.mask_from_output:
         y = z * (kept.detach() > 0)
     else:
-        y = torch_activation(z, ctx.activation, ctx.slope)
+        y = torch_activation(z, info.activation, info.slope)
     needs = ctx.needs_input_grad
     return differentiable_grads(y, grad_output, [(x, needs[0]), (w, needs[1]), (b, needs[2]),
                                                  (residual, needs[residual_index])])

@@ -7,10 +7,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import Parameter
 
 from . import _launch
-from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
-from ._ops import apply_batch_norm  # importing _ops registers the torch.ops.tritonbn ops
+from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args, check_momentum
+from ._ops import (  # importing _ops registers the torch.ops.tritonbn ops
+    BatchNormFunction,
+    batch_norm_function_apply,
+    transforms_active,
+    unwrap_if_dead,
+)
 from .backend import MOCK_DRIVER
 from .kernels.configs import INTERPRETER
 
@@ -60,7 +66,7 @@ def batch_norm(
         >>> rm, rv = torch.zeros(16, device="cuda"), torch.ones(16, device="cuda")
         >>> y = tritonbn.functional.batch_norm(x, rm, rv, training=True)
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, None, momentum, eps)
 
 
 def _batch_norm(
@@ -70,35 +76,42 @@ def _batch_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
+    num_batches_tracked: Tensor | None,
     momentum: float | None,
     eps: float,
-    num_batches_tracked: Tensor | None = None,
-    checked: bool = False,
     residual: Tensor | None = None,
     activation: str | None = None,
     negative_slope: float = 0.01,
 ) -> Tensor:
-    """batch_norm plus the module's cumulative-average mode and a fused residual/activation.
+    """batch_norm plus the module's batch counter and a fused residual/activation.
 
-    With ``num_batches_tracked`` given (the module's ``momentum=None``), the blend factor is
+    ``num_batches_tracked``: a training module's counter, which this call counts (+ 1, on the
+    device: see _launch.forward); with ``momentum=None`` the blend factor is then
     ``1 / num_batches_tracked``, read on the device.
+
+    Every argument is checked before anything changes: on the eager Triton path by the launch
+    plan's build (_launch.forward keys its plans by everything the checks read, so a call
+    that finds a plan is valid), explicitly on the others.
     """
-    if not checked:
+    if not (input.is_cuda or _ALWAYS_TRITON) or torch.compiler.is_compiling():
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
         check_fusion_args(input, residual, activation)
-    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
-        raise TypeError("batch_norm(): momentum must be a float (None needs the module's num_batches_tracked)")
-    if not (input.is_cuda or _ALWAYS_TRITON):
+        check_momentum(momentum, num_batches_tracked, training, running_mean)
+        if torch.compiler.is_compiling():
+            return _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        num_batches_tracked, residual, ACTIVATIONS[activation],
+                                        float(negative_slope))
         if num_batches_tracked is not None:
-            momentum = 1.0 / float(num_batches_tracked)  # CPU only: no device to synchronise
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(num_batches_tracked)  # CPU only: no device to synchronise
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum or 0.0, eps)
         return _unfused_epilogue(output, residual, activation, negative_slope)
 
-    activation_code = ACTIVATIONS[activation]
+    activation_code = ACTIVATIONS.get(activation)
+    if activation_code is None or residual is not None:
+        check_fusion_args(input, residual, activation)
     slope = float(negative_slope)
-    if torch.compiler.is_compiling():
-        return _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    num_batches_tracked, residual, activation_code, slope)
     if torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -106,7 +119,18 @@ def _batch_norm(
         or (residual is not None and residual.requires_grad)
     ):
         spec = (running_mean, running_var, num_batches_tracked, training, eps, activation_code, slope, momentum)
-        return apply_batch_norm(input, weight, bias, residual, spec)
+        if transforms_active():
+            return BatchNormFunction.apply(input, weight, bias, residual, spec)
+        # Function.apply's C++ core; what its Python wrapper would do here (_ops.c_apply) is
+        # to unwrap tensors that outlived a functorch transform, which a module's Parameter
+        # never is (transforms wrap into plain Tensors).
+        return batch_norm_function_apply(
+            unwrap_if_dead(input),
+            weight if weight is None or type(weight) is Parameter else unwrap_if_dead(weight),
+            bias if bias is None or type(bias) is Parameter else unwrap_if_dead(bias),
+            None if residual is None else unwrap_if_dead(residual),
+            spec,
+        )
     return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation_code,
                            slope, momentum, num_batches_tracked, keep_var=False)[0]
 
@@ -114,6 +138,10 @@ def _batch_norm(
 def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
                          residual, activation_code, slope) -> Tensor:
     """Under torch.compile: the torch.library ops, which the compiler traces (tritonbn/_ops.py)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # a buffer mutation the compiler sees, as in torch's module
+        if momentum is not None:
+            num_batches_tracked = None  # not a cumulative average: the update op does not read it
     if training:
         output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(
             input, weight, bias, None, None, True, eps, residual, activation_code, slope
@@ -165,8 +193,8 @@ def batch_norm_act(
 
         >>> out = tritonbn.functional.batch_norm_act(x, rm, rv, w, b, training=True, residual=identity)
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       residual=residual, activation=activation, negative_slope=negative_slope)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, None, momentum, eps, residual,
+                       activation, negative_slope)
 
 
 def residual_fuses(input: Tensor, residual) -> bool:

@@ -279,7 +279,7 @@ def instance_norm(
     check_instance_norm_args(input, running_mean, running_var, weight, bias, use_input_stats)
     if not use_input_stats:
         # Every sample normalised by the running statistics: BatchNorm's eval.
-        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, checked=True)
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, None, momentum, eps)
     running = (running_mean, running_var, float(momentum)) if running_mean is not None else None
     return _group_norm(input, input.shape[1], weight, bias, eps, running=running, checked=True)
 

@@ -3,8 +3,9 @@
 Same constructor, parameters, buffers and state_dict as torch's; only ``forward`` differs.
 The policy (which statistics, num_batches_tracked, momentum=None) is torch's, from
 ``torch.nn.modules.batchnorm._BatchNorm.forward``; the arithmetic is ``tritonbn.functional``.
-Unlike torch, every argument is checked before ``num_batches_tracked`` is bumped, so a
-rejected call changes no state.
+Unlike torch, every argument is checked before ``num_batches_tracked`` is counted, so a
+rejected call changes no state; the count is made by the kernel that updates the running
+statistics (torch's module launches a separate ``add_``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args
+from ._checks import ACTIVATIONS
 from ._compat import bias_kwargs
 from .functional import _batch_norm, _unfused_epilogue, residual_fuses
 
@@ -22,50 +23,41 @@ __all__ = [
 
 
 def batch_norm_state(module: torch.nn.Module) -> tuple:
-    """(running_mean, running_var, weight, bias, bn_training) of a BatchNorm module for one call,
-    as torch's _BatchNorm.forward decides them.
+    """(running_mean, running_var, weight, bias, bn_training, batch_counter) of a BatchNorm
+    module for one call, as torch's _BatchNorm.forward decides them.
 
     Runs on every call of every BatchNorm layer: parameters and buffers are read from their
     dicts (nn.Module.__getattr__ is slow), each once. The running buffers are used when they
-    exist and the module is in eval, or when it tracks them in training.
+    exist and the module is in eval, or when it tracks them in training. batch_counter: the
+    ``num_batches_tracked`` this call counts a batch in (a training module that tracks running
+    statistics), or None; the kernels count it (tritonbn/_launch.py forward).
     """
     buffers, parameters = module._buffers, module._parameters
     running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
-    training = module.training
-    bn_training = training or (running_mean is None and running_var is None)
-    if training and not module.track_running_stats:
-        running_mean = running_var = None
-    return running_mean, running_var, parameters.get("weight"), parameters.get("bias"), bn_training
-
-
-def bump_batch_counter(module: torch.nn.Module) -> Tensor | None:
-    """Count a training batch as torch does; the counter when it sets the blend (momentum=None)."""
-    if module.training and module.track_running_stats:
-        counter = module._buffers.get("num_batches_tracked")
-        if counter is not None:
-            counter.add_(1)
-            if module.momentum is None:
-                return counter
-    return None
+    counter = None
+    if module.training:
+        if module.track_running_stats:
+            counter = buffers.get("num_batches_tracked")
+        else:
+            running_mean = running_var = None
+        bn_training = True
+    else:
+        bn_training = running_mean is None and running_var is None
+    return running_mean, running_var, parameters.get("weight"), parameters.get("bias"), bn_training, counter
 
 
 class _TritonBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
-        return self._forward(input)
+        self._check_input_dim(input)
+        # _batch_norm checks every argument before anything changes.
+        return _batch_norm(input, *batch_norm_state(self), self.momentum, self.eps)
 
     def _forward(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None,
                  negative_slope: float = 0.01) -> Tensor:
+        """forward with a fused residual add and activation (BatchNormAct*d)."""
         self._check_input_dim(input)
-        running_mean, running_var, weight, bias, bn_training = batch_norm_state(self)
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training, self.eps)
-        if residual is not None or activation is not None:
-            check_fusion_args(input, residual, activation)
-        num_batches_tracked = bump_batch_counter(self)  # only now: a rejected call changes no state
-        return _batch_norm(
-            input, running_mean, running_var, weight, bias, bn_training,
-            self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True,
-            residual=residual, activation=activation, negative_slope=negative_slope,
-        )
+        return _batch_norm(input, *batch_norm_state(self), self.momentum, self.eps, residual, activation,
+                           negative_slope)
 
 
 class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):

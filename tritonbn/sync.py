@@ -28,9 +28,10 @@ from torch import Tensor
 
 from . import _launch
 from ._checks import check_batch_norm_args, check_eps
+from ._ops import direct_backward
 from .backend import TORCH_NATIVE, backend_for
 from .functional import _batch_norm
-from .modules import batch_norm_state, bump_batch_counter
+from .modules import batch_norm_state
 
 __all__ = ["SyncBatchNorm"]
 
@@ -52,7 +53,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         output = _launch.normalize(input, weight, bias, mean, rstd)
         if running_mean is not None:
             _launch.update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
-                                         0.0 if momentum is None else momentum, count, device_count=global_count)
+                                         0.0 if momentum is None else momentum, count, device_count=global_count,
+                                         count_batch=num_batches_tracked is not None and momentum is not None)
+        elif num_batches_tracked is not None and momentum is not None:
+            num_batches_tracked.add_(1)  # no running statistics to update, yet a batch to count
         ctx.save_for_backward(input, weight, mean, rstd, global_count)
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
@@ -71,6 +75,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = _launch.dx_from_sums(grad_output, input, weight, mean, rstd, global_means[0], global_means[1])
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+direct_backward(_SyncBatchNormFunction)
 
 
 class SyncBatchNorm(torch.nn.SyncBatchNorm):
@@ -101,7 +108,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        running_mean, running_var, weight, bias, bn_training = batch_norm_state(self)
+        running_mean, running_var, weight, bias, bn_training, num_batches_tracked = batch_norm_state(self)
         training = self.training
 
         process_group, world_size = None, 1
@@ -110,18 +117,19 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
             # group and then used without torch.distributed behaves as a plain BatchNorm).
             process_group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(process_group)
-        need_sync = world_size > 1 and backend_for(input) != TORCH_NATIVE
+        if world_size == 1:
+            # A plain BatchNorm: _batch_norm checks every argument before anything changes.
+            return _batch_norm(input, running_mean, running_var, weight, bias, bn_training, num_batches_tracked,
+                               self.momentum, self.eps)
+        need_sync = backend_for(input) != TORCH_NATIVE
         # Synchronised statistics have no one-value rule: other processes add values.
         check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training and not need_sync)
         check_eps(self.eps, bn_training)  # torch's rule applies to synchronised statistics too
-
-        if not need_sync and world_size > 1:
+        if not need_sync:
             # CPU without the interpreter: torch's own SyncBatchNorm does the work (and counts).
             return super().forward(input)
-        num_batches_tracked = bump_batch_counter(self)
-        if not need_sync:
-            return _batch_norm(input, running_mean, running_var, weight, bias, bn_training,
-                               self.momentum, self.eps, num_batches_tracked=num_batches_tracked, checked=True)
+        if num_batches_tracked is not None and self.momentum is None:
+            num_batches_tracked.add_(1)  # a cumulative average reads the count: the host counts first
         return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, self.eps,
                                             self.momentum, num_batches_tracked, process_group, world_size)
 
