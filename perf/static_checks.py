@@ -245,8 +245,13 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
             c = shape[1]
             count = math.prod(shape) // c
             params = {"weight": empty(c), "bias": empty(c), "running_mean": empty(c), "running_var": empty(c)}
-            y, mean, rstd, var = _call(_launch.forward, x=x, training=True, eps=1e-5, **params)
+            y, mean, rstd, var = _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params)
             _call(_launch.forward, x=x, training=False, eps=1e-5, **params)
+            # A module's step: the kernel counts the batch (a fixed momentum), or reads the count.
+            counter = empty(dtype=torch.int64)
+            for momentum in (0.1, None):
+                _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=momentum, num_batches_tracked=counter,
+                      **params)
             dy = torch.empty_like(y)
             grads = {"dy": dy, "x": x, "weight": params["weight"], "bias": params["bias"], "mean": mean,
                      "rstd": rstd, "param_dtype": param_dtype}
@@ -262,7 +267,7 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
             state["tier"] = "extra"
             epilogue = {"residual": torch.empty_like(x), "activation": silu, "slope": 0.01}
             if silu is not None and _accepts(_launch.forward, *epilogue):
-                _call(_launch.forward, x=x, training=True, eps=1e-5, **params, **epilogue)
+                _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params, **epilogue)
                 _call(_launch.forward, x=x, training=False, eps=1e-5, **params, **epilogue)
             if silu is not None and _accepts(_launch.backward, *epilogue, "residual_grad"):
                 _call(_launch.backward, training=True, param_grads=True, residual_grad=True, **grads, **epilogue)
@@ -271,8 +276,8 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
                 # relu reads its mask off the output (R_IS_OUTPUT); leaky_relu recomputes z.
                 relu = {"residual": torch.empty_like(x), "activation": activation.RELU, "slope": 0.0}
                 leaky = {"residual": torch.empty_like(x), "activation": activation.LEAKY_RELU, "slope": 0.01}
-                _call(_launch.forward, x=x, training=True, eps=1e-5, **params, **relu)
-                _call(_launch.forward, x=x, training=True, eps=1e-5, **params, **leaky)
+                _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params, **relu)
+                _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params, **leaky)
                 _call(_launch.backward, training=True, param_grads=True, residual_grad=True, residual_is_output=True,
                       **grads, **relu)
                 _call(_launch.backward, training=True, param_grads=True, residual_grad=True, **grads, **leaky)
