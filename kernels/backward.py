@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .activation import activation_grad
 from .common import (
+    CALLER_PARAMS,
     exact_scalar,
     ncs_program_chunk,
     ncs_tile_offsets,
@@ -133,11 +134,12 @@ def _ncs_channel_sums(X, DY, R, DZ, c, n_begin, n_end, s_begin, s_end, stride_n,
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_SPLIT_REDUCE_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_reduce_ncs(
     X, DY, R,  # [N, C, S] input, output gradient and residual (when HAS_RESIDUAL), same strides
     DZ,  # [N, C, S] out when STORE_DZ: the gradient before the activation (= the residual's)
-    W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     Parts,  # [2 * splits, C] out (ACC, splits = split_n * split_s): partial sum dz, then sum dz * xhat
     N, C, S, stride_n, stride_c,
     n_chunk, s_chunk, bucket, split_n, split_s,  # bucket: autotune key only (configs.tuning_bucket)
@@ -146,6 +148,7 @@ def _bn_bwd_reduce_ncs(
     ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: C * split_n * split_s programs, as in the forward statistics kernel.
     c, part, n_begin, n_end, s_begin, s_end = ncs_program_chunk(tl.program_id(0), N, S, n_chunk, s_chunk,
@@ -160,10 +163,11 @@ def _bn_bwd_reduce_ncs(
 
 @autotune("ncs_reduce_bwd", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_ONE_LAUNCH_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_one_launch_ncs(
     X, DY, DX, R, DR,  # [N, C, S] input, output grad, input grad, residual and its grad; same strides
-    W, B, Mean, Rstd,  # [C] affine parameters (when HAS_*) and saved statistics (ACC)
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     N, C, S, stride_n, stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -174,6 +178,7 @@ def _bn_bwd_one_launch_ncs(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per channel: sums over the channel, then dx over it.
     c = tl.program_id(0)
@@ -205,10 +210,11 @@ def _bn_bwd_one_launch_ncs(
 
 @autotune("ncs_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_dx_ncs(
     X, DY, DX, R, DR,  # [N, C, S], same strides
-    W, B, Mean, Rstd,  # [C]
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     Sums,  # [2, C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     N, C, S, stride_n, stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -219,6 +225,7 @@ def _bn_bwd_dx_ncs(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: C * cdiv(N, BLOCK_N) * cdiv(S, BLOCK_S) programs, one tile each.
@@ -273,11 +280,12 @@ def _rows_channel_sums(X, DY, R, DZ, c, c_mask, m_begin, m_end, stride_m, mean, 
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_SPLIT_REDUCE_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_reduce_rows(
     X, DY, R,  # [M, C], same strides
     DZ,  # [M, C] out when STORE_DZ: the gradient before the activation (= the residual's)
-    W, B, Mean, Rstd,  # [C]
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     Parts,  # [2 * split_m, C] out (ACC): partial sum dz, then sum dz * xhat
     M, C, stride_m,
     m_chunk, split_m, bucket,  # bucket: autotune key only (configs.tuning_bucket)
@@ -286,6 +294,7 @@ def _bn_bwd_reduce_rows(
     ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(C, BLOCK_C) * split_m programs.
     pid = tl.program_id(0)
@@ -306,10 +315,11 @@ def _bn_bwd_reduce_rows(
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_ONE_LAUNCH_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_one_launch_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
-    W, B, Mean, Rstd,  # [C]
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     DW, DB,  # [C] parameter gradients out, in the parameters' dtype
     M, C, stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -319,6 +329,7 @@ def _bn_bwd_one_launch_rows(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: one program per block of BLOCK_C channels.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -343,10 +354,11 @@ def _bn_bwd_one_launch_rows(
 
 @autotune("rows_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PARAMS)
 def _bn_bwd_dx_rows(
     X, DY, DX, R, DR,  # [M, C], same strides
-    W, B, Mean, Rstd,  # [C]
+    W, B,  # [C] affine parameters, when HAS_WEIGHT / HAS_BIAS
+    Stats,  # [2+, C] the forward's statistics (ACC): mean, rstd rows
     Sums,  # [2, C] combined sums of dz and dz * xhat (ACC), read when TRAINING
     M, C, stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -357,6 +369,7 @@ def _bn_bwd_dx_rows(
     ACC: tl.constexpr, INT64_INDEX: tl.constexpr,
     TILE: tl.constexpr, MAX_BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    Mean, Rstd = Stats, Stats + C
     inv_count = exact_scalar(inv_count, inv_count_lo, ACC)
     slope = exact_scalar(slope, slope_lo, ACC)
     # grid: cdiv(M, BLOCK_M) * cdiv(C, BLOCK_C) programs.

@@ -27,6 +27,15 @@ fixed loop order, and finish with tree_sum, whose every step adds exactly two gi
 import triton
 import triton.language as tl
 
+# Per-channel tensors the caller owns (a module's parameters and buffers). Kernels are not
+# specialised on their 16-byte alignment (triton.jit's do_not_specialize_on_alignment): they
+# are read a few values per program, where vector loads buy nothing, and a launch plan then
+# need not check their addresses on every call (tritonbn/_launch.py forward, host cost).
+CALLER_PARAMS = ["W", "B"]
+CALLER_RUNNING = ["RunningMean", "RunningVar", "NumBatchesTracked"]
+CALLER_PER_CHANNEL = CALLER_PARAMS + CALLER_RUNNING
+CALLER_NORMALIZE = CALLER_PARAMS + ["EvalMean", "EvalVar"]  # eval reads the running statistics
+
 
 @triton.jit
 def chan_combine(count_a, mean_a, m2_a, count_b, mean_b, m2_b):

@@ -36,6 +36,9 @@ import triton.language as tl
 
 from .activation import activate
 from .common import (
+    CALLER_NORMALIZE,
+    CALLER_PER_CHANNEL,
+    CALLER_RUNNING,
     chan_combine,
     exact_scalar,
     ncs_program_chunk,
@@ -166,12 +169,12 @@ def _bn_fwd_stats_ncs(
 
 @autotune("ncs_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
 @triton.heuristics(NCS_ONE_LAUNCH_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PER_CHANNEL)
 def _bn_fwd_one_launch_ncs(
     X, Y,  # [N, C, S] input and output (each through its own strides)
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
-    Mean, Rstd, Var,  # [C] batch statistics out (ACC): saved for backward and running stats
+    Stats,  # [3, C] batch statistics out (ACC): mean, rstd, biased var (backward, running stats)
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -191,9 +194,9 @@ def _bn_fwd_one_launch_ncs(
     eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / count
     rstd = rsqrt_rn(var + eps, ACC)
-    tl.store(Mean + c, mean)
-    tl.store(Rstd + c, rstd)
-    tl.store(Var + c, var)
+    tl.store(Stats + c, mean)
+    tl.store(Stats + C + c, rstd)
+    tl.store(Stats + 2 * C + c, var)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c < C, mean, var, momentum, momentum_lo,
                             exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH, c == 0)
@@ -208,13 +211,13 @@ def _bn_fwd_one_launch_ncs(
 
 @autotune("ncs_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(NCS_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_NORMALIZE)
 def _bn_fwd_normalize_ncs(
     X, Y,  # [N, C, S] input and output
     R,  # [N, C, S] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
-    StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
-    Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval): what backward needs, in ACC
+    EvalMean, EvalVar,  # [C] what eval normalises with (the running statistics, read only), when FROM_RUNNING
+    Stats,  # [3, C] (ACC): batch mean and rstd in; FROM_RUNNING: mean, rstd, var out (what backward needs)
     N, C, S, stride_n, stride_c, y_stride_n, y_stride_c,
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
@@ -233,16 +236,17 @@ def _bn_fwd_normalize_ncs(
     tile = pid % (tiles_n * tiles_s)
     tile_n = tile // tiles_s
     tile_s = tile % tiles_s
-    mean = tl.load(StatMean + c).to(ACC)
     if FROM_RUNNING:
-        var = tl.load(StatVar + c).to(ACC)
+        mean = tl.load(EvalMean + c).to(ACC)
+        var = tl.load(EvalVar + c).to(ACC)
         rstd = rsqrt_rn(var + eps, ACC)
         if tile == 0:
-            tl.store(Mean + c, mean)
-            tl.store(Rstd + c, rstd)
-            tl.store(Var + c, var)
+            tl.store(Stats + c, mean)
+            tl.store(Stats + C + c, rstd)
+            tl.store(Stats + 2 * C + c, var)
     else:
-        rstd = tl.load(StatRstd + c).to(ACC)
+        mean = tl.load(Stats + c).to(ACC)
+        rstd = tl.load(Stats + C + c).to(ACC)
     scale, shift = _scale_shift(W, B, c, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     _ncs_normalize_tile(X, Y, R, c, tile_n * BLOCK_N, tile_s * BLOCK_S, N, S, stride_n, stride_c,
                         y_stride_n, y_stride_c, mean, scale, shift, slope, HAS_RESIDUAL, ACTIVATION,
@@ -341,12 +345,12 @@ def _bn_fwd_stats_rows(
 
 @autotune("rows_reduce", key=["bucket", "ACC", "ACTIVATION"], in_place_flag="UPDATE_RUNNING")
 @triton.heuristics(ROWS_ONE_LAUNCH_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_PER_CHANNEL)
 def _bn_fwd_one_launch_rows(
     X, Y,  # [M, C] input and output
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
-    Mean, Rstd, Var,  # [C] batch statistics out (ACC)
+    Stats,  # [3, C] batch statistics out (ACC): mean, rstd, biased var (backward, running stats)
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     M, C, stride_m, y_stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
@@ -366,9 +370,9 @@ def _bn_fwd_one_launch_rows(
     eps = exact_scalar(eps, eps_lo, ACC)  # here, not at entry: nothing extra lives across the loop
     var = m2 / tl.maximum(count, 1.0)  # count is 0 only in the block's padding channels
     rstd = rsqrt_rn(var + eps, ACC)
-    tl.store(Mean + c, mean, mask=c_mask)
-    tl.store(Rstd + c, rstd, mask=c_mask)
-    tl.store(Var + c, var, mask=c_mask)
+    tl.store(Stats + c, mean, mask=c_mask)
+    tl.store(Stats + C + c, rstd, mask=c_mask)
+    tl.store(Stats + 2 * C + c, var, mask=c_mask)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
                             exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH,
@@ -382,13 +386,13 @@ def _bn_fwd_one_launch_rows(
 
 @autotune("rows_elementwise", key=["bucket", "ACC", "ACTIVATION"])
 @triton.heuristics(ROWS_HEURISTICS)
-@triton.jit(do_not_specialize=["bucket"])
+@triton.jit(do_not_specialize=["bucket"], do_not_specialize_on_alignment=CALLER_NORMALIZE)
 def _bn_fwd_normalize_rows(
     X, Y,  # [M, C] input and output
     R,  # [M, C] residual with the output's strides, when HAS_RESIDUAL
     W, B,  # [C] weight and bias, when HAS_WEIGHT / HAS_BIAS
-    StatMean, StatVar, StatRstd,  # [C] statistics in: batch (mean, rstd) or running (mean, var)
-    Mean, Rstd, Var,  # [C] written when FROM_RUNNING (eval), in ACC
+    EvalMean, EvalVar,  # [C] what eval normalises with (the running statistics, read only), when FROM_RUNNING
+    Stats,  # [3, C] (ACC): batch mean and rstd in; FROM_RUNNING: mean, rstd, var out (what backward needs)
     M, C, stride_m, y_stride_m,
     bucket,  # autotune key only (configs.tuning_bucket)
     eps, eps_lo, slope, slope_lo,  # float pairs (common.exact_scalar); slope: leaky_relu's negative slope
@@ -405,16 +409,17 @@ def _bn_fwd_normalize_rows(
     tile_m = pid // tiles_c
     c = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean = tl.load(StatMean + c, mask=c_mask, other=0.0).to(ACC)
     if FROM_RUNNING:
-        var = tl.load(StatVar + c, mask=c_mask, other=1.0).to(ACC)
+        mean = tl.load(EvalMean + c, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(EvalVar + c, mask=c_mask, other=1.0).to(ACC)
         rstd = rsqrt_rn(var + eps, ACC)
         if tile_m == 0:
-            tl.store(Mean + c, mean, mask=c_mask)
-            tl.store(Rstd + c, rstd, mask=c_mask)
-            tl.store(Var + c, var, mask=c_mask)
+            tl.store(Stats + c, mean, mask=c_mask)
+            tl.store(Stats + C + c, rstd, mask=c_mask)
+            tl.store(Stats + 2 * C + c, var, mask=c_mask)
     else:
-        rstd = tl.load(StatRstd + c, mask=c_mask, other=1.0).to(ACC)
+        mean = tl.load(Stats + c, mask=c_mask, other=0.0).to(ACC)
+        rstd = tl.load(Stats + C + c, mask=c_mask, other=1.0).to(ACC)
     scale, shift = _rows_scale_shift(W, B, c, c_mask, rstd, HAS_WEIGHT, HAS_BIAS, ACC)
     _rows_normalize_tile(X, Y, R, c, c_mask, tile_m * BLOCK_M, M, stride_m, y_stride_m, mean, scale, shift,
                          slope, HAS_RESIDUAL, ACTIVATION, ACC, INT64_INDEX, BLOCK_M, BLOCK_C)
@@ -425,10 +430,10 @@ def _bn_fwd_normalize_rows(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=CALLER_RUNNING)
 def _bn_fwd_combine(
     Parts,  # [3 * splits + 1, C] the statistics kernel's partial rows (ACC): see _partial_rows
-    Mean, Rstd, Var,  # [C] out (ACC)
+    Stats,  # [3, C] out (ACC): mean, rstd, biased var
     RunningMean, RunningVar, NumBatchesTracked,  # [C], [C], []: UPDATE_RUNNING (the counter: COUNT_BATCH)
     C, splits, eps, eps_lo,  # eps as a float pair (common.exact_scalar)
     momentum, momentum_lo, bessel, bessel_lo,  # float pairs: the running-statistics blend, M / (M - 1)
@@ -453,9 +458,9 @@ def _bn_fwd_combine(
         )
     var = m2 / tl.maximum(count, 1.0)
     mean += tl.load(pivot + c, mask=c_mask, other=0.0)
-    tl.store(Mean + c, mean, mask=c_mask)
-    tl.store(Rstd + c, rsqrt_rn(var + eps, ACC), mask=c_mask)
-    tl.store(Var + c, var, mask=c_mask)
+    tl.store(Stats + c, mean, mask=c_mask)
+    tl.store(Stats + C + c, rsqrt_rn(var + eps, ACC), mask=c_mask)
+    tl.store(Stats + 2 * C + c, var, mask=c_mask)
     if UPDATE_RUNNING:
         blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, mean, var, momentum, momentum_lo,
                             exact_scalar(bessel, bessel_lo, ACC), CUMULATIVE, ACC, COUNT_BATCH,

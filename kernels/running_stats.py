@@ -23,7 +23,7 @@ every program, which a write by program 0 could overtake, so there the host coun
 import triton
 import triton.language as tl
 
-from .common import exact_scalar
+from .common import CALLER_RUNNING, exact_scalar
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def blend_running_stats(RunningMean, RunningVar, NumBatchesTracked, c, c_mask, m
     tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=CALLER_RUNNING)
 def _bn_update_running_stats(
     RunningMean, RunningVar,  # [C] updated in place, in their own dtype
     Mean, Var,  # [C] batch mean and biased variance (ACC)

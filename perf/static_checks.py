@@ -245,7 +245,8 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
             c = shape[1]
             count = math.prod(shape) // c
             params = {"weight": empty(c), "bias": empty(c), "running_mean": empty(c), "running_var": empty(c)}
-            y, mean, rstd, var = _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params)
+            y, stats, _ = _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=0.1, **params)
+            mean, var = stats[0], stats[2]
             _call(_launch.forward, x=x, training=False, eps=1e-5, **params)
             # A module's step: the kernel counts the batch (a fixed momentum), or reads the count.
             counter = empty(dtype=torch.int64)
@@ -253,15 +254,17 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
                 _call(_launch.forward, x=x, training=True, eps=1e-5, momentum=momentum, num_batches_tracked=counter,
                       **params)
             dy = torch.empty_like(y)
-            grads = {"dy": dy, "x": x, "weight": params["weight"], "bias": params["bias"], "mean": mean,
-                     "rstd": rstd, "param_dtype": param_dtype}
+            grads = {"dy": dy, "x": x, "weight": params["weight"], "bias": params["bias"], "stats": stats,
+                     "param_dtype": param_dtype}
             _call(_launch.backward, training=True, param_grads=True, **grads)
             _call(_launch.backward, training=False, param_grads=False, **grads)
             _call(_launch.backward, training=False, param_grads=True, **grads)
-            stats = {"running_mean": params["running_mean"], "running_var": params["running_var"], "mean": mean,
-                     "var": var, "momentum": 0.1, "count": count}
-            _call(_launch.update_running_stats, num_batches_tracked=None, **stats)
-            _call(_launch.update_running_stats, num_batches_tracked=empty(dtype=torch.int64), **stats)
+            running = {"running_mean": params["running_mean"], "running_var": params["running_var"], "mean": mean,
+                       "var": var, "momentum": 0.1, "count": count}
+            _call(_launch.update_running_stats, num_batches_tracked=None, **running)
+            _call(_launch.update_running_stats, num_batches_tracked=empty(dtype=torch.int64), **running)
+            _call(_launch.update_running_stats, num_batches_tracked=empty(dtype=torch.int64), count_batch=True,
+                  **running)
             if not extra:
                 continue
             state["tier"] = "extra"
@@ -287,12 +290,12 @@ def _record_launches(dtype_name: str, scenarios=SCENARIOS, extra: bool = True) -
             if getattr(_launch, "combine_stats", None):
                 _call(_launch.combine_stats, counts=empty(2, c), means=empty(2, c), m2s=empty(2, c), eps=1e-5)
             if getattr(_launch, "grad_sums", None):
-                _call(_launch.grad_sums, dy=dy, x=x, mean=mean, rstd=rstd)
+                _call(_launch.grad_sums, dy=dy, x=x, stats=stats)
             if getattr(_launch, "dx_from_sums", None):
-                _call(_launch.dx_from_sums, dy=dy, x=x, weight=params["weight"], mean=mean, rstd=rstd,
-                      mean_dy=empty(c), mean_dy_xhat=empty(c))
+                _call(_launch.dx_from_sums, dy=dy, x=x, weight=params["weight"], stats=stats, mean_dy=empty(c),
+                      mean_dy_xhat=empty(c))
             if _accepts(_launch.update_running_stats, "device_count"):
-                _call(_launch.update_running_stats, num_batches_tracked=None, device_count=empty(c), **stats)
+                _call(_launch.update_running_stats, num_batches_tracked=None, device_count=empty(c), **running)
     finally:
         _launch._launch = real_launch
     return calls

@@ -175,25 +175,27 @@ def forward(
         x = x.contiguous()
     gv, acc, device = plan.gv, plan.acc, x.device
     y = _empty_like(x)
-    mean = _empty(gv.pairs, acc, device)
-    rstd = _empty(gv.pairs, acc, device)
-    var = _empty(gv.pairs, acc, device) if keep_var or gv.empty else plan.scratch(device)
     if gv.empty:
-        return y, mean.zero_(), rstd.zero_(), var.zero_()
+        return y, *(_empty(gv.pairs, acc, device).zero_() for _ in range(3))
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
     r = residual if residual is not None else y
     # Stand-ins for absent optional tensors: never read (their HAS_* flag is off).
-    w = weight.contiguous() if weight is not None else mean
-    b = bias.contiguous() if bias is not None else mean
+    w = weight.contiguous() if weight is not None else y
+    b = bias.contiguous() if bias is not None else y
     launches = plan.launches
     if plan.splits == 1:
-        launches[0](x, y, r, w, b, mean, rstd, var)
+        mean = _empty(gv.pairs, acc, device)
+        rstd = _empty(gv.pairs, acc, device)
+        var = _empty(gv.pairs, acc, device) if keep_var else plan.scratch(device)
+        launches[0].enqueue(x, y, r, w, b, mean, rstd, var)
     else:
+        stats = _empty((3, gv.pairs), acc, device)  # forward.py's combine writes rows mean, rstd, var
+        mean, rstd, var = stats
         parts = _empty((3 * plan.splits + 1, gv.pairs), acc, device)  # counts, means, M2s, pivots
-        launches[0](x, parts)
-        launches[1](parts, mean, rstd, var, mean, mean, mean)
-        launches[2](x, y, r, w, b, mean, rstd)
+        launches[0].enqueue(x, parts)
+        launches[1].enqueue(parts, stats, stats, stats, stats)
+        launches[2].enqueue(x, y, r, w, b, mean, rstd)
     return y, mean, rstd, var if keep_var else None
 
 
@@ -289,15 +291,15 @@ def backward(
     launches = plan.launches
     if plan.splits == 1:
         sums = _empty((2, nc), acc, device)  # per-(sample, channel) sum dz, sum dz * xhat
-        launches[0](x, dy, r, dx, dr, w, b, mean, rstd, sums)
+        launches[0].enqueue(x, dy, r, dx, dr, w, b, mean, rstd, sums)
         if param_grads:
-            launches[1](sums, sums, dweight, dbias)
+            launches[1].enqueue(sums, sums, dweight, dbias)
     else:
         parts = _empty((2 * plan.splits, nc), acc, device)
         sums = _empty((2, nc), acc, device)
-        launches[0](x, dy, r, w, b, mean, rstd, parts)
-        launches[1](parts, sums, dweight if param_grads else sums, dbias if param_grads else sums)
-        launches[2](x, dy, r, dx, dr, w, b, mean, rstd, sums)
+        launches[0].enqueue(x, dy, r, w, b, mean, rstd, parts)
+        launches[1].enqueue(parts, sums, dweight if param_grads else sums, dbias if param_grads else sums)
+        launches[2].enqueue(x, dy, r, dx, dr, w, b, mean, rstd, sums)
     return dx, dweight, dbias, dresidual
 
 

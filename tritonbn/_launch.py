@@ -118,6 +118,9 @@ class _Launch:
             return
         self._run_and_record(tensors)
 
+    # What the hot paths call: a method call costs the interpreter less than calling the object.
+    enqueue = __call__
+
     def _run_and_record(self, tensors: tuple) -> None:
         recorded = {}
         grid = self.grid
@@ -239,9 +242,9 @@ class _ForwardPlan:
         self.empty = view.m == 0 or c == 0
         self.split = False
         self.launches: list[_Launch] = []
-        # [C] ACC values that kernels write and nothing reads (the variance when not kept):
-        # shared by every call of the plan, on any stream, as concurrent writes are harmless.
-        self.var_scratch = torch.empty(c, dtype=self.acc, device=x.device)
+        # Statistics and partial rows are allocated as new_empty of this (dtype and device given:
+        # the cheapest allocation call from Python, and it runs on every call).
+        self.stats_prototype = torch.empty(0, dtype=self.acc, device=x.device)
         self.backward_plans: dict = {}  # _BackwardPlan by backward(forward_plan=...)'s short key
         if self.empty:
             return
@@ -339,32 +342,31 @@ def forward(
     slope: float = 0.0,
     momentum: float | None = None,
     num_batches_tracked: torch.Tensor | None = None,
-    keep_var: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """y = act(BN(x) + residual) and the per-channel (mean, rstd, biased var) used (ACC).
+) -> tuple[torch.Tensor, torch.Tensor, _ForwardPlan]:
+    """(y, stats, plan): y = act(BN(x) + residual), stats the [3, C] per-channel (mean, rstd,
+    biased var) used (ACC), and the launch plan, which ``backward(forward_plan=...)`` finds
+    its own plan through.
 
     training: batch statistics, and the running ones updated in place when given (blend
     factor ``momentum``, or with ``momentum=None`` 1 / ``num_batches_tracked`` read on the
     device); otherwise the running statistics normalise. ``num_batches_tracked`` (a training
     module's counter) is counted: + 1 by the kernel that updates the running statistics, or
     by the host before the launches when the kernel cannot (a cumulative average, no folded
-    update). activation is one of kernels/activation.py's
-    codes (0: none). keep_var=False (the eager autograd path): the variance is written to a
-    scratch buffer that nothing reads (an allocation less per call), and the fourth value is
-    the launch plan instead, which ``backward(forward_plan=...)`` finds its own plan through.
+    update). activation is one of kernels/activation.py's codes (0: none). The statistics
+    are one buffer (one allocation per call): the kernels address its rows.
     """
     # Everything the argument checks read is in the key (and a plan is only built for arguments
-    # that pass them): a call that finds its plan is valid without checking again. Pointers
-    # 16-byte aligned (%): Triton specialises on it, so a replay needs the same.
+    # that pass them): a call that finds its plan is valid without checking again. x's and the
+    # residual's addresses modulo 16: Triton specialises on their alignment, so a replay needs
+    # the same (not on the per-channel tensors': kernels/common.py CALLER_PER_CHANNEL).
     key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % _ALIGNMENT, training,
-           None if weight is None else (weight.dtype, weight.numel(), weight.device, weight.data_ptr() % _ALIGNMENT),
-           None if bias is None else (bias.dtype, bias.numel(), bias.device, bias.data_ptr() % _ALIGNMENT),
+           None if weight is None else (weight.dtype, weight.numel(), weight.device),
+           None if bias is None else (bias.dtype, bias.numel(), bias.device),
            None if running_mean is None else (running_mean.dtype, running_mean.numel(), running_mean.device,
-                                              running_mean.is_contiguous(), running_mean.data_ptr() % _ALIGNMENT),
+                                              running_mean.is_contiguous()),
            None if running_var is None else (running_var.dtype, running_var.numel(), running_var.device,
-                                             running_var.is_contiguous(), running_var.data_ptr() % _ALIGNMENT),
-           None if num_batches_tracked is None else (num_batches_tracked.device,
-                                                     num_batches_tracked.data_ptr() % _ALIGNMENT),
+                                             running_var.is_contiguous()),
+           None if num_batches_tracked is None else num_batches_tracked.device,
            None if residual is None else (residual.stride(), residual.shape, residual.dtype, residual.device,
                                           residual.data_ptr() % _ALIGNMENT),
            activation, eps, slope, momentum, torch._C._get_deterministic_algorithms())
@@ -377,48 +379,43 @@ def forward(
         num_batches_tracked.add_(1)
     if plan.dense_copy:
         x = x.contiguous()
-    c = plan.c
-    # Allocated here, not through _empty, and as new_empty of a buffer of the right dtype and
-    # device: this runs on every call (host cost).
-    var_scratch = plan.var_scratch
     y = torch.empty_like(x)
-    mean = var_scratch.new_empty(c)
-    rstd = var_scratch.new_empty(c)
-    var = var_scratch.new_empty(c) if keep_var or plan.empty else var_scratch
+    stats = plan.stats_prototype.new_empty(3, plan.c)  # mean, rstd, biased var
     if poison_outputs:
-        y, mean, rstd, var = _test_outputs(y, mean, rstd, var)
+        y, stats = _test_outputs(y, stats)
     if plan.empty:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
-        return y, mean.zero_(), rstd.zero_(), var.zero_() if keep_var else plan
+        return y, stats.zero_(), plan
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
     r = residual if residual is not None else y
     # Stand-ins for absent optional tensors: never read (their HAS_* / UPDATE_* flag is off).
-    w = weight.contiguous() if weight is not None else mean
-    b = bias.contiguous() if bias is not None else mean
+    w = weight.contiguous() if weight is not None else stats
+    b = bias.contiguous() if bias is not None else stats
     launches = plan.launches
     if not training:
-        launches[0](x, y, r, w, b, running_mean.contiguous(), running_var.contiguous(), mean, mean, rstd, var)
-        return y, mean, rstd, var if keep_var else plan
+        launches[0].enqueue(x, y, r, w, b, running_mean.contiguous(), running_var.contiguous(), stats)
+        return y, stats, plan
     if plan.update:
         rm, rv = running_mean, running_var
-        nbt = num_batches_tracked if num_batches_tracked is not None else mean
+        nbt = num_batches_tracked if num_batches_tracked is not None else stats
     else:
-        rm = rv = nbt = mean
+        rm = rv = nbt = stats
     if not plan.split:
-        launches[0](x, y, r, w, b, mean, rstd, var, rm, rv, nbt)
+        launches[0].enqueue(x, y, r, w, b, stats, rm, rv, nbt)
     else:
-        splits = plan.splits
-        parts = var_scratch.new_empty((3 * splits + 1, c))  # counts, means, M2s, pivots (kernels/forward.py)
+        # counts, means, M2s, pivots (kernels/forward.py)
+        parts = plan.stats_prototype.new_empty(3 * plan.splits + 1, plan.c)
         if poison_outputs:
             parts, = _test_outputs(parts)
-        launches[0](x, parts)
-        launches[1](parts, mean, rstd, var, rm, rv, nbt)
-        launches[2](x, y, r, w, b, mean, mean, rstd, mean, rstd, mean)
+        launches[0].enqueue(x, parts)
+        launches[1].enqueue(parts, stats, rm, rv, nbt)
+        launches[2].enqueue(x, y, r, w, b, stats, stats, stats)
     if plan.separate_update:  # the batch is counted above
-        update_running_stats(running_mean, running_var, mean, var, num_batches_tracked if momentum is None else None,
-                             0.0 if momentum is None else momentum, plan.count)
-    return y, mean, rstd, var if keep_var else plan
+        update_running_stats(running_mean, running_var, stats[0], stats[2],
+                             num_batches_tracked if momentum is None else None, 0.0 if momentum is None else momentum,
+                             plan.count)
+    return y, stats, plan
 
 
 def _build_forward_plan(x, weight, bias, running_mean, running_var, training, eps, residual, activation,
@@ -443,8 +440,8 @@ def _build_forward_plan(x, weight, bias, running_mean, running_var, training, ep
     counted = training and num_batches_tracked is not None
     cumulative = counted and momentum is None
     count_in_kernel = counted and folded_update and not cumulative and count > 0 and dense.shape[1] > 0
-    # every tensor aligned as it will be on every call with this key
-    replayable = _aligned(x, weight, bias, running_mean, running_var, residual, num_batches_tracked)
+    # every specialised pointer aligned as it will be on every call with this key
+    replayable = _aligned(x, residual)
     plan = _ForwardPlan(dense, view, dense is not x, residual_copy, training, folded_update, cumulative,
                         count_in_kernel, count, eps, 0.0 if momentum is None else momentum, slope, flags, replayable)
     plan.backward_info = BackwardInfo(x, weight, bias, residual, training, eps, activation, slope)
@@ -455,44 +452,44 @@ def _build_forward_plan(x, weight, bias, running_mean, running_var, training, ep
     return plan
 
 
-def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, rstd, biased var) of x, without normalising (SyncBatchNorm's local part)."""
+def batch_stats(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """[3, C] per-channel (mean, rstd, biased var) of x (ACC), without normalising
+    (SyncBatchNorm's local part)."""
     x, view = canonical_input(x)
     c = view.c
     acc = accumulation_dtype(x.dtype)
-    mean, rstd, var = (_empty(c, acc, x.device) for _ in range(3))
+    stats = _empty((3, c), acc, x.device)
     if view.m == 0 or c == 0:
-        return mean.zero_(), rstd.zero_(), var.zero_()
-    stats, splits = _stats_launch(x, view, replayable=False)
+        return stats.zero_()
+    partial_stats, splits = _stats_launch(x, view, replayable=False)
     parts = _empty((3 * splits + 1, c), acc, x.device)
-    stats(x, parts)
-    _combine(parts, splits, mean, rstd, var, eps)
-    return mean, rstd, var
+    partial_stats(x, parts)
+    _combine(parts, splits, stats, eps)
+    return stats
 
 
-def _combine(parts, splits, mean, rstd, var, eps) -> None:
-    """Merge [3 * splits + 1, C] partial rows (kernels/forward.py's layout) in order."""
+def _combine(parts, splits, stats, eps) -> None:
+    """Merge [3 * splits + 1, C] partial rows (kernels/forward.py's layout) in order into [3, C] stats."""
     combine = _combine_launch(parts.shape[1], splits, eps, _pairs(momentum=0.0, bessel=1.0), NO_RUNNING_UPDATE,
                               _tl_acc(parts.dtype), replayable=False)
-    combine(parts, mean, rstd, var, mean, mean, mean)
+    combine(parts, stats, stats, stats, stats)
 
 
-def combine_stats(
-    counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
+def combine_stats(counts: torch.Tensor, means: torch.Tensor, m2s: torch.Tensor, eps: float) -> torch.Tensor:
+    """[3, C] (mean, rstd, biased var) from [parts, C] partial (count, mean, M2), merged in order."""
     c = means.shape[1]
-    mean, rstd, var = (_empty(c, means.dtype, means.device) for _ in range(3))
+    stats = _empty((3, c), means.dtype, means.device)
     pivots = torch.zeros((1, c), dtype=means.dtype, device=means.device)  # the means are absolute
-    _combine(torch.cat([counts, means, m2s, pivots]), means.shape[0], mean, rstd, var, eps)
-    return mean, rstd, var
+    _combine(torch.cat([counts, means, m2s, pivots]), means.shape[0], stats, eps)
+    return stats
 
 
 def normalize(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, stats: torch.Tensor,
     fp_fusion: bool = True,
 ) -> torch.Tensor:
-    """y = (x - mean) * rstd * weight + bias with given per-channel statistics.
+    """y = (x - mean) * rstd * weight + bias with given per-channel statistics: stats is
+    [2+, C] with rows mean and rstd (ACC).
 
     fp_fusion=False compiles the kernel without fused multiply-adds, so that a product and a
     sum round separately, as two torch ops do (FrozenBatchNorm2d's bit-for-bit promise).
@@ -505,9 +502,9 @@ def normalize(
             "HAS_RESIDUAL": False, "ACTIVATION": 0}
     if not fp_fusion:
         meta["enable_fp_fusion"] = False
-    w = weight.contiguous() if weight is not None else mean
-    b = bias.contiguous() if bias is not None else mean
-    _normalize_launch(view, 0.0, 0.0, meta, False, False)(x, y, y, w, b, mean, mean, rstd, mean, rstd, mean)
+    w = weight.contiguous() if weight is not None else stats
+    b = bias.contiguous() if bias is not None else stats
+    _normalize_launch(view, 0.0, 0.0, meta, False, False)(x, y, y, w, b, stats, stats, stats)
     return y
 
 
@@ -606,8 +603,7 @@ def backward(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     training: bool,
     param_grads: bool,
     param_dtype: torch.dtype,
@@ -619,12 +615,12 @@ def backward(
     forward_plan: _ForwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual); dweight and dbias are empty when not asked for,
-    dresidual is None.
+    dresidual is None. stats: the forward's [2+, C] mean and rstd rows (ACC).
 
     bias and residual are needed only to recompute the pre-activation z when an activation
     is fused; with ``residual_is_output`` the ``residual`` argument is the forward's output,
     whose sign gives relu's and leaky_relu's mask. ``forward_plan``: the plan of the forward
-    that saved these tensors (``forward(keep_var=False)``), whose key already holds
+    that saved these tensors (``forward``'s third value), whose key already holds
     everything about them; only dy and the gradients asked for are looked up then.
     """
     deterministic = torch._C._get_deterministic_algorithms()
@@ -655,15 +651,15 @@ def backward(
         dx, dweight, dbias, dresidual = _test_outputs(dx, dweight, dbias, dresidual)
     if plan.empty:
         return dx, dweight.zero_(), dbias.zero_(), dresidual
-    w = weight.contiguous() if weight is not None else mean
-    b = bias.contiguous() if bias is not None else mean
+    w = weight.contiguous() if weight is not None else stats
+    b = bias.contiguous() if bias is not None else stats
     r = residual if residual is not None else dx
     dr = dresidual if residual_grad else dx
     launches = plan.launches
     if plan.route == "dx":
-        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, mean)  # eval: no sums are read
+        launches[0].enqueue(x, dy, dx, r, dr, w, b, stats, stats)  # eval: no sums are read
     elif plan.route == "one-launch":
-        launches[0](x, dy, dx, r, dr, w, b, mean, rstd, dweight, dbias)
+        launches[0].enqueue(x, dy, dx, r, dr, w, b, stats, dweight, dbias)
     else:
         splits, c = plan.splits, plan.c
         parts = plan.sums_prototype.new_empty((2 * splits, c))  # partial sums of dz, then of dz * xhat
@@ -671,9 +667,9 @@ def backward(
         if poison_outputs:
             parts, sums = _test_outputs(parts, sums)
         dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz
-        launches[0](x, dy, r, dz, w, b, mean, rstd, parts)
-        launches[1](parts, sums, dweight, dbias)
-        launches[2](x, dy, dx, r, dr, w, b, mean, rstd, sums)
+        launches[0].enqueue(x, dy, r, dz, w, b, stats, parts)
+        launches[1].enqueue(parts, sums, dweight, dbias)
+        launches[2].enqueue(x, dy, dx, r, dr, w, b, stats, sums)
     return dx, dweight, dbias, dresidual
 
 
@@ -682,7 +678,7 @@ def _backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, resi
     key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, training, param_grads, param_dtype,
            None if weight is None else weight.dtype, None if bias is None else bias.dtype,
            None if residual is None else (residual.stride(), residual.dtype), activation, slope, residual_grad,
-           residual_is_output, _aligned(dy, x, weight, bias, residual), deterministic)
+           residual_is_output, _aligned(dy, x, residual), deterministic)
     plan = _backward_plans.get(key)
     if plan is None:
         plan = _backward_plans[key] = _build_backward_plan(key, dy, x, weight, bias, training, param_grads,
@@ -707,8 +703,9 @@ def _plain_backward_meta(x, view, weight):
     return meta
 
 
-def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """[2, C]: per-channel sum(dy) and sum(dy * xhat) (SyncBatchNorm's local part)."""
+def grad_sums(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """[2, C]: per-channel sum(dy) and sum(dy * xhat) (SyncBatchNorm's local part); stats: the
+    forward's [2+, C] mean and rstd rows."""
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
     c = view.c
@@ -718,7 +715,7 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch
     reduce, splits = _reduce_launch(x, view, 0.0, {**_plain_backward_meta(x, view, None), "STORE_DZ": False},
                                     replayable=False)
     parts = _empty((2 * splits, c), acc, x.device)
-    reduce(x, dy, dy, dy, mean, mean, mean, rstd, parts)
+    reduce(x, dy, dy, dy, stats, stats, stats, parts)
     sums = _empty((2, c), acc, x.device)
     scratch = _empty((2, c), acc, x.device)  # the combine kernel's dweight/dbias, unused here
     _bwd_combine_launch(c, splits, replayable=False)(parts, sums, scratch[0], scratch[1])
@@ -729,21 +726,21 @@ def dx_from_sums(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     mean_dy: torch.Tensor,
     mean_dy_xhat: torch.Tensor,
 ) -> torch.Tensor:
-    """Training dx from given per-channel means of dy and dy * xhat (over the global batch)."""
+    """Training dx from given per-channel means of dy and dy * xhat (over the global batch);
+    stats: the forward's [2+, C] mean and rstd rows."""
     x, view = canonical_input(x)
     dy = like_layout(dy, x)
     dx = _empty_like(x)
     if view.m == 0 or view.c == 0:
         return dx
     meta = {**_plain_backward_meta(x, view, weight), "TRAINING": True, "WRITE_DR": False, "DZ_STORED": False}
-    w = weight.contiguous() if weight is not None else mean
+    w = weight.contiguous() if weight is not None else stats
     sums = torch.stack([mean_dy, mean_dy_xhat])  # the dx kernel reads [2, C]
-    _dx_launch(view, 1.0, 0.0, meta, False)(x, dy, dx, dx, dx, w, mean, mean, rstd, sums)
+    _dx_launch(view, 1.0, 0.0, meta, False)(x, dy, dx, dx, dx, w, stats, stats, sums)
     return dx
 
 

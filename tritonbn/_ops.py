@@ -6,7 +6,7 @@ kernel: the custom-op dispatch costs more host time than most BatchNorm layers t
 GPU. Under ``torch.compile`` (tritonbn/functional.py decides) three ops:
 
 * ``tritonbn::batch_norm_fwd`` (functional, differentiable): y = act(BN(x) + residual) and
-  the statistics used;
+  the statistics used ([3, C]: mean, rstd, biased variance);
 * ``tritonbn::batch_norm_bwd`` (functional): dx, dweight, dbias, dresidual;
 * ``tritonbn::update_running_stats_`` (mutates the running buffers, not differentiable).
 
@@ -43,16 +43,16 @@ def batch_norm_fwd(
     residual: Tensor | None,
     activation: int,
     slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation,
-                           slope)
+) -> tuple[Tensor, Tensor]:
+    y, stats, _ = _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation,
+                                  slope)
+    return y, stats
 
 
 @batch_norm_fwd.register_fake
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, training, eps, residual, activation, slope):
     dense, _ = canonical_input(input)
-    stats = input.new_empty(input.shape[1], dtype=_launch.accumulation_dtype(input.dtype))
-    return torch.empty_like(dense), stats, torch.empty_like(stats), torch.empty_like(stats)
+    return torch.empty_like(dense), input.new_empty((3, input.shape[1]), dtype=_launch.accumulation_dtype(input.dtype))
 
 
 @torch.library.custom_op("tritonbn::batch_norm_bwd", mutates_args=())
@@ -61,8 +61,7 @@ def batch_norm_bwd(
     input: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
+    stats: Tensor,
     training: bool,
     param_grads: bool,
     param_dtype: torch.dtype,
@@ -72,15 +71,15 @@ def batch_norm_bwd(
     residual_grad: bool,
     residual_is_output: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = _launch.backward(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
-                             residual, activation, slope, residual_grad, residual_is_output)
+    grads = _launch.backward(grad_output, input, weight, bias, stats, training, param_grads, param_dtype, residual,
+                             activation, slope, residual_grad, residual_is_output)
     # The schema returns a Tensor: an empty one when no residual gradient is wanted.
     return grads if residual_grad else (*grads[:3], input.new_empty(0))
 
 
 @batch_norm_bwd.register_fake
-def _batch_norm_bwd_fake(grad_output, input, weight, bias, mean, rstd, training, param_grads, param_dtype,
-                         residual, activation, slope, residual_grad, residual_is_output):
+def _batch_norm_bwd_fake(grad_output, input, weight, bias, stats, training, param_grads, param_dtype, residual,
+                         activation, slope, residual_grad, residual_is_output):
     dense, _ = canonical_input(input)
     size = input.shape[1] if (param_grads or training) else 0
     grads = input.new_empty(size, dtype=param_dtype)
@@ -108,14 +107,14 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, num_batches
 
 def _setup_context(ctx, inputs, output) -> None:
     input, weight, bias, _, _, training, eps, residual, activation, slope = inputs
-    y, mean, rstd, var = output
-    ctx.mark_non_differentiable(mean, rstd, var)  # statistics: nothing differentiates them
+    y, stats = output
+    ctx.mark_non_differentiable(stats)  # nothing differentiates them
     # The op's outputs, detached: on ctx directly they would hold the graph node that holds ctx.
-    _save_for_backward(ctx, input, weight, bias, residual, y, mean.detach(), rstd.detach(), activation)
+    _save_for_backward(ctx, input, weight, bias, residual, y, stats.detach(), activation)
     ctx.info = _launch.BackwardInfo(input, weight, bias, residual, training, eps, activation, slope)
 
 
-def _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, activation) -> None:
+def _save_for_backward(ctx, input, weight, bias, residual, y, stats, activation) -> None:
     # relu's act'(z) needs only z's sign, which its output has: torch's relu saves its output
     # too, so the same tensors stay alive and an in-place change of y fails backward in both.
     # Holding the residual instead could keep a tensor alive that torch frees (a downsample
@@ -128,7 +127,7 @@ def _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, activa
     ctx.save_for_backward(input, weight, bias if activation else None, kept)
     ctx.bias = bias
     # Intermediates (neither inputs nor outputs of the op's graph node): kept on ctx directly.
-    ctx.stats = (mean, rstd)
+    ctx.stats = stats
 
 
 def _grads(ctx, info: _launch.BackwardInfo, grad_output, launch_backward, residual_index: int,
@@ -142,14 +141,13 @@ def _grads(ctx, info: _launch.BackwardInfo, grad_output, launch_backward, residu
         # create_graph=True: a gradient of this gradient is wanted (gradient penalties, MAML).
         return _differentiable_backward(ctx, info, grad_output, residual_index)
     input, weight, bias, kept = ctx.saved_tensors
-    mean, rstd = ctx.stats
     needs = ctx.needs_input_grad
     needs_input, needs_weight, needs_bias, needs_residual = needs[0], needs[1], needs[2], needs[residual_index]
     if grad_output is None:
         grad_output = torch.zeros_like(input)
     grad_residual_wanted = bool(needs_residual and info.has_residual)
     grad_input, grad_weight, grad_bias, grad_residual = launch_backward(
-        grad_output, input, weight, bias, mean, rstd, info.training, needs_weight or needs_bias, info.param_dtype,
+        grad_output, input, weight, bias, ctx.stats, info.training, needs_weight or needs_bias, info.param_dtype,
         kept, info.activation, info.slope, grad_residual_wanted, info.mask_from_output, *launch_options,
     )
     return (
@@ -160,7 +158,7 @@ def _grads(ctx, info: _launch.BackwardInfo, grad_output, launch_backward, residu
     )
 
 
-def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_var):
+def _backward(ctx, grad_output, _grad_stats):
     grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, ctx.info, grad_output,
                                                                torch.ops.tritonbn.batch_norm_bwd, 7)
     return grad_input, grad_weight, grad_bias, None, None, None, None, grad_residual, None, None
@@ -180,10 +178,9 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, residual, spec):
         running_mean, running_var, num_batches_tracked, training, eps, activation, slope, momentum = spec
-        y, mean, rstd, ctx.plan = _launch.forward(input, weight, bias, running_mean, running_var, training, eps,
-                                                  residual, activation, slope, momentum, num_batches_tracked,
-                                                  keep_var=False)
-        _save_for_backward(ctx, input, weight, bias, residual, y, mean, rstd, activation)
+        y, stats, ctx.plan = _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual,
+                                             activation, slope, momentum, num_batches_tracked)
+        _save_for_backward(ctx, input, weight, bias, residual, y, stats, activation)
         return y
 
     @staticmethod
@@ -227,13 +224,12 @@ def _differentiable_backward(ctx, info: _launch.BackwardInfo, grad_output, resid
     """
     input, weight, _, kept = ctx.saved_tensors
     bias = ctx.bias
-    mean, rstd = ctx.stats
     # The saved tensors themselves (not detached copies): the gradients returned must stay
     # connected to the original inputs for the second derivative to reach them.
     x, w, b = input, weight, bias
     # The statistics and the output are outputs of the forward op: detached, or autograd would
     # walk back into this op's backward through them.
-    mean, rstd = mean.detach(), rstd.detach()
+    mean, rstd = ctx.stats[0].detach(), ctx.stats[1].detach()
     view = [1, -1] + [1] * (input.dim() - 2)
     if info.training:
         z = F.batch_norm(x, None, None, w, b, True, 0.0, info.eps)

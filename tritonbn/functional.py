@@ -132,7 +132,7 @@ def _batch_norm(
             spec,
         )
     return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation_code,
-                           slope, momentum, num_batches_tracked, keep_var=False)[0]
+                           slope, momentum, num_batches_tracked)[0]
 
 
 def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
@@ -143,16 +143,17 @@ def _compiled_batch_norm(input, running_mean, running_var, weight, bias, trainin
         if momentum is not None:
             num_batches_tracked = None  # not a cumulative average: the update op does not read it
     if training:
-        output, mean, _, var = torch.ops.tritonbn.batch_norm_fwd(
+        output, stats = torch.ops.tritonbn.batch_norm_fwd(
             input, weight, bias, None, None, True, eps, residual, activation_code, slope
         )
         count = input.shape[0] * math.prod(input.shape[2:])
         if running_mean is not None and count > 0:
             torch.ops.tritonbn.update_running_stats_(
-                running_mean, running_var, mean, var, num_batches_tracked, 0.0 if momentum is None else momentum, count
+                running_mean, running_var, stats[0], stats[2], num_batches_tracked,
+                0.0 if momentum is None else momentum, count,
             )
         return output
-    output, _, _, _ = torch.ops.tritonbn.batch_norm_fwd(
+    output, _ = torch.ops.tritonbn.batch_norm_fwd(
         input, weight, bias, running_mean, running_var, False, eps, residual, activation_code, slope
     )
     return output

@@ -41,31 +41,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, num_batches_tracked,
                 process_group, world_size):
         count = input.shape[0] * math.prod(input.shape[2:])
-        mean, _, var = _launch.batch_stats(input, eps)
+        mean, _, var = _launch.batch_stats(input, eps)  # the [3, C] rows
         channels = mean.numel()
         local = torch.cat([mean, var * count, mean.new_full((1,), count)])
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=process_group)
         parts = torch.stack(gathered)  # [world, 2C + 1]
         counts = parts[:, 2 * channels:].expand(world_size, channels)
-        mean, rstd, var = _launch.combine_stats(counts, parts[:, :channels], parts[:, channels:2 * channels], eps)
+        stats = _launch.combine_stats(counts, parts[:, :channels], parts[:, channels:2 * channels], eps)
         global_count = counts.sum(dim=0)
-        output = _launch.normalize(input, weight, bias, mean, rstd)
+        output = _launch.normalize(input, weight, bias, stats)
         if running_mean is not None:
-            _launch.update_running_stats(running_mean, running_var, mean, var, num_batches_tracked,
+            _launch.update_running_stats(running_mean, running_var, stats[0], stats[2], num_batches_tracked,
                                          0.0 if momentum is None else momentum, count, device_count=global_count,
                                          count_batch=num_batches_tracked is not None and momentum is not None)
         elif num_batches_tracked is not None and momentum is not None:
             num_batches_tracked.add_(1)  # no running statistics to update, yet a batch to count
-        ctx.save_for_backward(input, weight, mean, rstd, global_count)
+        ctx.save_for_backward(input, weight, stats, global_count)
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, rstd, global_count = ctx.saved_tensors
-        sums = _launch.grad_sums(grad_output, input, mean, rstd)  # [2, C]: sum dy, sum dy * xhat
+        input, weight, stats, global_count = ctx.saved_tensors
+        sums = _launch.grad_sums(grad_output, input, stats)  # [2, C]: sum dy, sum dy * xhat
         grad_weight = sums[1].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sums[0].to(weight.dtype if weight is not None else sums.dtype) if ctx.has_bias else None
         global_sums = sums.clone()
@@ -73,7 +73,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         global_means = global_sums / global_count.clamp(min=1.0)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = _launch.dx_from_sums(grad_output, input, weight, mean, rstd, global_means[0], global_means[1])
+            grad_input = _launch.dx_from_sums(grad_output, input, weight, stats, global_means[0], global_means[1])
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 

@@ -174,11 +174,11 @@ class _FrozenAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         acc = _launch.accumulation_dtype(x.dtype)
-        zeros = torch.zeros(x.shape[1], dtype=acc, device=x.device)
-        ones = torch.ones(x.shape[1], dtype=acc, device=x.device)
+        stats = torch.zeros((2, x.shape[1]), dtype=acc, device=x.device)  # rows: mean 0, rstd 1
+        stats[1] = 1.0
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
         # No FMA: compiled kernels would otherwise fuse the product and the sum into one rounding.
-        return _launch.normalize(x, scale, shift, zeros, ones, fp_fusion=False)
+        return _launch.normalize(x, scale, shift, stats, fp_fusion=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
