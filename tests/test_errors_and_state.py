@@ -527,7 +527,9 @@ COUNTED = [(route, path) for route in ROUTE_CASES for path in ("autograd", "no_g
 @pytest.mark.parametrize("route,path", COUNTED, ids=[f"{r}-{p}" for r, p in COUNTED])
 def test_batches_are_counted_like_torch(route, path, momentum):
     """num_batches_tracked after three training steps and one eval step equals torch's on every
-    route and path, and so do the outputs and running statistics (momentum=None blends by it)."""
+    route and path, and so do the outputs and running statistics (momentum=None blends by it).
+    torch's module runs in float64 (its float32 CPU kernels are the less accurate side at
+    these batch sizes: about 1e-5 off on the rows-split case, tritonbn 7e-7)."""
     ref, ours = _pair(2, momentum=momentum)
     if path in ("fused", "sync"):
         cls = tritonbn.SyncBatchNorm if path == "sync" else tritonbn.BatchNormAct2d
@@ -540,6 +542,7 @@ def test_batches_are_counted_like_torch(route, path, momentum):
     elif path == "no_buffers":  # a module that tracks, with its running buffers taken away
         for module in (ref, ours):
             module.running_mean = module.running_var = None
+    ref.double()
     shape, memory_format = ROUTE_CASES[route]
     atol, rtol = TOLERANCES[torch.float32]
     x = _random_input(shape, memory_format=memory_format)
@@ -550,7 +553,7 @@ def test_batches_are_counted_like_torch(route, path, momentum):
         ours.train(training)
         with torch.set_grad_enabled(path != "no_grad"):
             x_ours = x.clone().requires_grad_(path != "no_grad")
-            y_ref = ref(x.cpu())
+            y_ref = ref(x.cpu().double())
             with triton_ran():
                 y = ours(x_ours)
         if path == "fused":
@@ -558,10 +561,10 @@ def test_batches_are_counted_like_torch(route, path, momentum):
         if path != "no_grad":
             y.sum().backward()
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 5 + min(step + 1, 3)
-        torch.testing.assert_close(y.cpu(), y_ref.detach(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(y.cpu().double(), y_ref.detach(), atol=atol, rtol=rtol)
         if ref.running_mean is not None:
-            torch.testing.assert_close(ours.running_mean.cpu(), ref.running_mean, atol=atol, rtol=rtol)
-            torch.testing.assert_close(ours.running_var.cpu(), ref.running_var, atol=atol, rtol=rtol)
+            torch.testing.assert_close(ours.running_mean.cpu().double(), ref.running_mean, atol=atol, rtol=rtol)
+            torch.testing.assert_close(ours.running_var.cpu().double(), ref.running_var, atol=atol, rtol=rtol)
 
 
 def _swap_buffer(module, name, value):
