@@ -287,3 +287,11 @@ def test_static_sweep(tmp_path):
     }
     report = [f"{title}:\n  " + "\n  ".join(found) for title, check in checks.items() if (found := check(sweep))]
     assert not report, "\n".join(report)
+
+
+def test_every_launch_states_its_fp_fusion():
+    """Every launch passes enable_fp_fusion (True, or False where FrozenBatchNorm2d needs two
+    roundings): left unset, Triton 3.9 warns on each compile and 3.10 changes the default."""
+    launches = sc._record_launches("float32")
+    assert launches
+    assert all(isinstance(launch.kwargs.get("enable_fp_fusion"), bool) for launch in launches)

@@ -102,7 +102,9 @@ class _Launch:
         self.kernel = kernel
         self.grid = grid  # a tuple, or a function of the bound arguments (tile sizes)
         self.scalars = scalars
-        self.meta = meta
+        # Fused multiply-adds stated, not left to Triton's default: Triton 3.9 warns on every
+        # compile that leaves it unset, and 3.10 turns the default off (other numbers, slower).
+        self.meta = meta if "enable_fp_fusion" in meta else {**meta, "enable_fp_fusion": True}
         self.replayable = replayable and not cfg.INTERPRETER
         self.compiled = None
         self.run = None  # the compiled kernel's launcher, once recorded
