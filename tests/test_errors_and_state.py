@@ -427,8 +427,8 @@ def _through_tritonbn(monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(torch.nn.functional, "batch_norm", _forbidden)
         patch.setattr(torch, "batch_norm", _forbidden)
-        patch.setattr(_launch, "forward", _spy(_launch.forward))
-        patch.setattr(_launch, "backward", _spy(_launch.backward))
+        patch.setattr(_launch, "run_forward", _spy(_launch.run_forward))
+        patch.setattr(_launch, "run_backward", _spy(_launch.run_backward))
         yield calls
 
 
@@ -455,7 +455,7 @@ def test_empty_batch_like_torch(dims, shape, memory_format, training, momentum, 
     with _through_tritonbn(monkeypatch) as calls:
         y = ours(x_ours)
         y.sum().backward()
-    assert calls == ["forward", "backward"], "tritonbn's launchers (not torch) handled the empty batch"
+    assert calls == ["run_forward", "run_backward"], "tritonbn's launchers (not torch) handled the empty batch"
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     assert y.stride() == y_ref.stride()
     # torch leaves the running statistics alone on an empty batch and still counts it
@@ -476,7 +476,7 @@ def test_empty_batch_via_functional(training, monkeypatch):
     snapshot = _snapshot(*args.values())
     with _through_tritonbn(monkeypatch) as calls:
         y = tritonbn.functional.batch_norm(x, training=training, **args)
-    assert calls == ["forward"]
+    assert calls == ["run_forward"]
     assert y.shape == (0, 3, 2, 2)
     _assert_unchanged(snapshot)
 
@@ -610,3 +610,34 @@ def test_a_built_launch_plan_never_admits_an_invalid_call(case):
         INVALID_AFTER_VALID[case](module)()
     _assert_rejected_like_torch(lambda: ours(x.to(DEVICE).requires_grad_(True)), lambda: ref(x), [ours],
                                 exact_message=False)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+def test_usual_training_step_takes_the_direct_launch_and_matches_torch(memory_format, monkeypatch):
+    """The eager autograd function runs the usual one-launch training call itself, forward and
+    backward (tritonbn/_ops.py, plan.direct); a call it cannot serve that way (momentum=None:
+    the host counts the batch first) goes through run_forward. Both match torch, state included."""
+    general = []
+    for name in ("run_forward", "run_backward"):
+        original = getattr(_launch, name)
+        monkeypatch.setattr(_launch, name, lambda *args, _f=original, _n=name: general.append(_n) or _f(*args))
+    for momentum, expected in ((0.1, []), (None, ["run_forward"])):
+        general.clear()
+        ref, ours = _pair(2, num_features=4, momentum=momentum)
+        x = random_bn_input((3, 4, 5, 6), memory_format=memory_format)
+        dy = torch.randn_like(x)
+        x_ref, x_ours = x.clone().requires_grad_(True), x.to(DEVICE).requires_grad_(True)
+        with triton_ran(2):
+            y = ours(x_ours)
+            y.backward(dy.to(DEVICE))
+        assert general == expected
+        y_ref = ref(x_ref)
+        y_ref.backward(dy)
+        atol, rtol = TOLERANCES[torch.float32]
+        torch.testing.assert_close(y.cpu(), y_ref, atol=atol, rtol=rtol)
+        assert y.stride() == y_ref.stride()
+        for got, want in ((x_ours.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad),
+                          (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
+                          (ours.running_var, ref.running_var)):
+            torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)

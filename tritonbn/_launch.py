@@ -48,7 +48,7 @@ launch_count = 0
 poison_outputs = False
 
 _INT32_LIMIT = 2**31 - 1
-_ALIGNMENT = 16  # bytes: Triton specialises pointers on it (vectorised loads)
+ALIGNMENT = 16  # bytes: Triton specialises pointers on it (vectorised loads)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out.fill_(float("nan")) if poison_outputs else out
 
 
-def _test_outputs(*tensors: torch.Tensor | None) -> tuple:
+def poisoned(*tensors: torch.Tensor | None) -> tuple:
     """poison_outputs (tests) on buffers the hot paths allocate themselves: each replaced by
     _empty_like's (NaN-filled; a test may also guard it, tests/test_robustness.py)."""
     return tuple(None if t is None else _empty_like(t) for t in tensors)
@@ -203,7 +203,7 @@ def _aligned(x: torch.Tensor, *optional: torch.Tensor | None) -> bool:
     for t in optional:
         if t is not None:
             bits |= t.data_ptr()
-    return bits % _ALIGNMENT == 0
+    return bits % ALIGNMENT == 0
 
 
 def _split(view: CanonicalView, device: torch.device) -> tuple[int, int, int, int]:
@@ -248,6 +248,7 @@ class _ForwardPlan:
         # the cheapest allocation call from Python, and it runs on every call).
         self.stats_prototype = torch.empty(0, dtype=self.acc, device=x.device)
         self.backward_plans: dict = {}  # _BackwardPlan by backward(forward_plan=...)'s short key
+        self.eager_backward: dict = {}  # (_BackwardPlan, all wanted) by tritonbn/_ops.py BatchNormFunction's key
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags}
@@ -356,12 +357,23 @@ def forward(
     by the host before the launches when the kernel cannot (a cumulative average, no folded
     update). activation is one of kernels/activation.py's codes (0: none). The statistics
     are one buffer (one allocation per call): the kernels address its rows.
+
+    ``forward_plan`` then ``run_forward``: the eager autograd path calls the two apart.
     """
+    plan = forward_plan(x, weight, bias, running_mean, running_var, training, eps, residual, activation, slope,
+                        momentum, num_batches_tracked)
+    y, stats = run_forward(plan, x, weight, bias, running_mean, running_var, residual, num_batches_tracked)
+    return y, stats, plan
+
+
+def forward_plan(x, weight, bias, running_mean, running_var, training, eps, residual=None, activation=0, slope=0.0,
+                 momentum=None, num_batches_tracked=None) -> _ForwardPlan:
+    """The plan of ``forward``'s call signature (built, after the argument checks, on first use)."""
     # Everything the argument checks read is in the key (and a plan is only built for arguments
     # that pass them): a call that finds its plan is valid without checking again. x's and the
     # residual's addresses modulo 16: Triton specialises on their alignment, so a replay needs
     # the same (not on the per-channel tensors': kernels/common.py CALLER_PER_CHANNEL).
-    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % _ALIGNMENT, training,
+    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % ALIGNMENT, training,
            None if weight is None else (weight.dtype, weight.numel(), weight.device),
            None if bias is None else (bias.dtype, bias.numel(), bias.device),
            None if running_mean is None else (running_mean.dtype, running_mean.numel(), running_mean.device,
@@ -370,13 +382,22 @@ def forward(
                                              running_var.is_contiguous()),
            None if num_batches_tracked is None else num_batches_tracked.device,
            None if residual is None else (residual.stride(), residual.shape, residual.dtype, residual.device,
-                                          residual.data_ptr() % _ALIGNMENT),
+                                          residual.data_ptr() % ALIGNMENT),
            activation, eps, slope, momentum, torch._C._get_deterministic_algorithms())
     plan = _forward_plans.get(key)
     if plan is None:
         plan = _forward_plans[key] = _build_forward_plan(x, weight, bias, running_mean, running_var, training,
                                                         eps, residual, activation, slope, momentum,
                                                         num_batches_tracked)
+    return plan
+
+
+def run_forward(plan, x, weight, bias, running_mean, running_var, residual, num_batches_tracked
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats) of ``forward``, by its plan (``forward_plan`` of the same arguments).
+
+    The eager autograd function runs the usual training call (``plan.direct``) itself.
+    """
     if num_batches_tracked is not None and not plan.count_in_kernel:
         num_batches_tracked.add_(1)
     if plan.dense_copy:
@@ -384,10 +405,10 @@ def forward(
     y = torch.empty_like(x)
     stats = plan.stats_prototype.new_empty(3, plan.c)  # mean, rstd, biased var
     if poison_outputs:
-        y, stats = _test_outputs(y, stats)
+        y, stats = poisoned(y, stats)
     if plan.empty:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
-        return y, stats.zero_(), plan
+        return y, stats.zero_()
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
     r = residual if residual is not None else y
@@ -395,9 +416,9 @@ def forward(
     w = weight.contiguous() if weight is not None else stats
     b = bias.contiguous() if bias is not None else stats
     launches = plan.launches
-    if not training:
+    if not plan.training:
         launches[0].enqueue(x, y, r, w, b, running_mean.contiguous(), running_var.contiguous(), stats)
-        return y, stats, plan
+        return y, stats
     if plan.update:
         rm, rv = running_mean, running_var
         nbt = num_batches_tracked if num_batches_tracked is not None else stats
@@ -409,15 +430,16 @@ def forward(
         # counts, means, M2s, pivots (kernels/forward.py)
         parts = plan.stats_prototype.new_empty(3 * plan.splits + 1, plan.c)
         if poison_outputs:
-            parts, = _test_outputs(parts)
+            parts, = poisoned(parts)
         launches[0].enqueue(x, parts)
         launches[1].enqueue(parts, stats, rm, rv, nbt)
         launches[2].enqueue(x, y, r, w, b, stats, stats, stats)
     if plan.separate_update:  # the batch is counted above
+        momentum = plan.momentum
         update_running_stats(running_mean, running_var, stats[0], stats[2],
                              num_batches_tracked if momentum is None else None, 0.0 if momentum is None else momentum,
                              plan.count)
-    return y, stats, plan
+    return y, stats
 
 
 def _build_forward_plan(x, weight, bias, running_mean, running_var, training, eps, residual, activation,
@@ -447,10 +469,17 @@ def _build_forward_plan(x, weight, bias, running_mean, running_var, training, ep
     plan = _ForwardPlan(dense, view, dense is not x, residual_copy, training, folded_update, cumulative,
                         count_in_kernel, count, eps, 0.0 if momentum is None else momentum, slope, flags, replayable)
     plan.backward_info = BackwardInfo(x, weight, bias, residual, training, eps, activation, slope)
+    plan.training, plan.momentum, plan.activation = training, momentum, activation
     plan.update = folded_update  # folded into the last kernel
     plan.separate_update = separate_update
     plan.count_in_kernel = count_in_kernel
     plan.count = count
+    # The usual training call, which the eager autograd function runs itself (tritonbn/_ops.py):
+    # one launch, nothing copied, the running statistics updated and the batch (when there is a
+    # counter) counted by it.
+    direct = (training and not plan.empty and not plan.split and not plan.dense_copy and not residual_copy
+              and folded_update and (num_batches_tracked is None or count_in_kernel))
+    plan.direct = plan.launches[0] if direct else None
     return plan
 
 
@@ -540,6 +569,9 @@ class _BackwardPlan:
         self.residual_grad = residual_grad
         self.route = "dx"
         self.launches: list[_Launch] = []
+        # The usual call, which the eager autograd function runs itself (tritonbn/_ops.py): the
+        # one-launch route, nothing copied, no residual gradient.
+        self.direct = None
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags, "TRAINING": training, "WRITE_DR": residual_grad}
@@ -558,6 +590,8 @@ class _BackwardPlan:
                 scalars = dict(M=view.m, C=c, stride_m=view.stride_m, bucket=cfg.tuning_bucket(c, view.m))
             self.launches.append(_Launch(kernel, grid, {**scalars, **_pairs(inv_count=1.0 / view.m, slope=slope)},
                                          meta, replayable))
+            if not (dense_copy or dy_copy or residual_copy or residual_grad):
+                self.direct = self.launches[0]
             return
         self.route = "split"
         self.store_dz = residual_grad and flags["ACTIVATION"] != 0
@@ -627,22 +661,31 @@ def backward(
     """
     deterministic = torch._C._get_deterministic_algorithms()
     if forward_plan is not None:
-        short_key = (dy.stride(), dy.dtype, param_grads, residual_grad, dy.data_ptr() % _ALIGNMENT == 0,
+        short_key = (dy.stride(), dy.dtype, param_grads, residual_grad, dy.data_ptr() % ALIGNMENT == 0,
                      deterministic)
         plan = forward_plan.backward_plans.get(short_key)
         if plan is None:
-            plan = forward_plan.backward_plans[short_key] = _backward_plan(
+            plan = forward_plan.backward_plans[short_key] = backward_plan(
                 dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
                 residual_is_output, deterministic)
     else:
-        plan = _backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
+        plan = backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
                               residual_grad, residual_is_output, deterministic)
+    return run_backward(plan, dy, x, weight, bias, stats, residual)
+
+
+def run_backward(plan, dy, x, weight, bias, stats, residual) -> tuple:
+    """(dx, dweight, dbias, dresidual) of ``backward``, by its plan.
+
+    The eager autograd function runs the usual call (``plan.direct``) itself.
+    """
     if plan.dense_copy:
         x = x.contiguous()
     if plan.dy_copy:
         dy = torch.empty_like(x).copy_(dy)
     if residual is not None and plan.residual_copy:
         residual = torch.empty_like(x).copy_(residual)
+    residual_grad = plan.residual_grad
     # Allocated here, not through _empty, and as new_empty of a buffer of the right dtype and
     # device: this runs on every call (host cost).
     dx = torch.empty_like(x)
@@ -650,7 +693,7 @@ def backward(
     dbias = plan.grads_prototype.new_empty(plan.grads_size)
     dresidual = torch.empty_like(x) if residual_grad else None
     if poison_outputs:
-        dx, dweight, dbias, dresidual = _test_outputs(dx, dweight, dbias, dresidual)
+        dx, dweight, dbias, dresidual = poisoned(dx, dweight, dbias, dresidual)
     if plan.empty:
         return dx, dweight.zero_(), dbias.zero_(), dresidual
     w = weight.contiguous() if weight is not None else stats
@@ -667,7 +710,7 @@ def backward(
         parts = plan.sums_prototype.new_empty((2 * splits, c))  # partial sums of dz, then of dz * xhat
         sums = plan.sums_prototype.new_empty((2, c))
         if poison_outputs:
-            parts, sums = _test_outputs(parts, sums)
+            parts, sums = poisoned(parts, sums)
         dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz
         launches[0].enqueue(x, dy, r, dz, w, b, stats, parts)
         launches[1].enqueue(parts, sums, dweight, dbias)
@@ -675,7 +718,7 @@ def backward(
     return dx, dweight, dbias, dresidual
 
 
-def _backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
+def backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
                    residual_is_output, deterministic) -> _BackwardPlan:
     key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), dy.dtype, training, param_grads, param_dtype,
            None if weight is None else weight.dtype, None if bias is None else bias.dtype,

@@ -168,27 +168,118 @@ class BatchNormFunction(torch.autograd.Function):
     """The eager path: the same launchers and kernels as the ops above, without the custom-op
     dispatch (which costs more host time than the kernels take on the GPU for most layers).
 
-    ``apply(input, weight, bias, residual, spec)``, spec = (running_mean, running_var,
-    num_batches_tracked, training, eps, activation, slope, momentum): few arguments, because
-    Function.apply's own cost grows with them. Forward runs batch_norm_fwd's launcher with the
-    running-statistics update folded into its last kernel; only y is an output, so no graph
-    is built for the statistics. torch.compile takes the ops instead (functional.py decides).
+    ``apply(input, weight, bias, spec)``, spec = (plan, running_mean, running_var,
+    num_batches_tracked); with a residual, ``BatchNormResidualFunction``. Few arguments and
+    saved tensors, because Function.apply's own cost grows with them. The launch plan
+    (``_launch.forward_plan``) is looked up by the caller, which has checked every argument
+    through it; under functorch transforms spec's first item is the plan's other arguments
+    instead, (training, eps, activation, slope, momentum), and the plan is looked up here, on
+    what forward receives. Forward runs the plan with the running-statistics update folded
+    into its last kernel; only y is an output, so no graph is built for the statistics.
+    torch.compile takes the ops instead (functional.py decides).
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, spec):
-        running_mean, running_var, num_batches_tracked, training, eps, activation, slope, momentum = spec
-        y, stats, ctx.plan = _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual,
-                                             activation, slope, momentum, num_batches_tracked)
-        _save_for_backward(ctx, input, weight, bias, residual, y, stats, activation)
+    def forward(ctx, input, weight, bias, spec, residual=None):
+        plan, running_mean, running_var, num_batches_tracked = spec
+        if type(plan) is tuple:
+            plan = _launch.forward_plan(input, weight, bias, running_mean, running_var, *plan,
+                                        num_batches_tracked=num_batches_tracked)
+        launch = plan.direct
+        if launch is not None:
+            # The usual training call (one launch, which also updates the running statistics and
+            # counts the batch), here rather than in run_forward: it runs on every step of every layer.
+            y = torch.empty_like(input)
+            stats = plan.stats_prototype.new_empty(3, plan.c)  # mean, rstd, biased var
+            if _launch.poison_outputs:
+                y, stats = _launch.poisoned(y, stats)
+            ctx.stats = stats
+            launch.enqueue(input, y, y if residual is None else residual,
+                           stats if weight is None else weight.contiguous(),
+                           stats if bias is None else bias.contiguous(), stats, running_mean, running_var,
+                           stats if num_batches_tracked is None else num_batches_tracked)
+        else:
+            y, ctx.stats = _launch.run_forward(plan, input, weight, bias, running_mean, running_var, residual,
+                                               num_batches_tracked)
+        if plan.activation:
+            _save_for_backward(ctx, input, weight, bias, residual, y, ctx.stats, plan.activation)
+        else:
+            # _save_for_backward without an epilogue: x and the weight only (saved_inputs pads
+            # them); the bias on ctx, for the second-derivative path.
+            ctx.save_for_backward(input, weight)
+            ctx.bias = bias
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad_output):
+        """(grad input, grad weight, grad bias, grad residual): the last, None without a
+        residual, stands for spec's None here and is the residual's for BatchNormResidualFunction."""
         plan = ctx.plan
-        grad_input, grad_weight, grad_bias, grad_residual = _grads(ctx, plan.backward_info, grad_output,
-                                                                   _launch.backward, 3, plan)
-        return grad_input, grad_weight, grad_bias, grad_residual, None
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient of this gradient is wanted.
+            return _differentiable_backward(ctx, plan.backward_info, grad_output, 3)
+        saved = ctx.saved_tensors
+        if len(saved) == 2:
+            (input, weight), bias, kept = saved, None, None
+        else:
+            input, weight, bias, kept = saved
+        # Which gradients are wanted and dy's layout pick the backward plan: looked up in the
+        # forward plan's own dict (the forward plan's key holds everything else about them).
+        needs = ctx.needs_input_grad
+        key = (needs, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() % _launch.ALIGNMENT,
+               deterministic_algorithms())
+        found = plan.eager_backward.get(key)
+        if found is None:
+            found = plan.eager_backward[key] = _eager_backward_plan(plan, needs, grad_output, input, weight, bias,
+                                                                   kept)
+        backward_plan, all_wanted = found
+        launch = backward_plan.direct
+        if launch is not None and all_wanted:
+            # The usual call (one launch, nothing copied), here rather than in run_backward: it runs
+            # on every step of every layer.
+            stats = ctx.stats
+            dx = torch.empty_like(input)
+            dweight = backward_plan.grads_prototype.new_empty(backward_plan.grads_size)
+            dbias = backward_plan.grads_prototype.new_empty(backward_plan.grads_size)
+            if _launch.poison_outputs:
+                dx, dweight, dbias = _launch.poisoned(dx, dweight, dbias)
+            launch.enqueue(input, grad_output, dx, dx if kept is None else kept, dx,
+                           stats if weight is None else weight.contiguous(),
+                           stats if bias is None else bias.contiguous(), stats, dweight, dbias)
+            return dx, dweight, dbias, None
+        grads = _launch.run_backward(backward_plan, grad_output, input, weight, bias, ctx.stats, kept)
+        if all_wanted:
+            return grads
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, needs[:4]))
+
+
+class BatchNormResidualFunction(torch.autograd.Function):
+    """BatchNormFunction with a residual added before the activation:
+    ``apply(input, weight, bias, residual, spec)``."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, spec):
+        return BatchNormFunction.forward(ctx, input, weight, bias, spec, residual)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (*BatchNormFunction.backward(ctx, grad_output), None)
+
+
+deterministic_algorithms = torch._C._get_deterministic_algorithms
+
+
+def _eager_backward_plan(plan, needs, grad_output, input, weight, bias, kept) -> tuple:
+    """(backward plan, whether every gradient it computes is wanted) for BatchNormFunction.
+    needs[3] is the residual's (BatchNormResidualFunction) or spec's (never wanted)."""
+    info = plan.backward_info
+    residual_grad = bool(needs[3] and info.has_residual)
+    backward_plan = _launch.backward_plan(
+        grad_output, input, weight, bias, info.training, needs[1] or needs[2], info.param_dtype, kept,
+        info.activation, info.slope, residual_grad, info.mask_from_output, deterministic_algorithms())
+    computed = (True, True, True, residual_grad)  # run_backward's dweight and dbias: empty when not wanted
+    return backward_plan, all(wanted or not done for wanted, done in zip(needs[:4], computed))
 
 
 def c_apply(function: type) -> object:
@@ -209,7 +300,9 @@ def direct_backward(function: type) -> None:
 
 
 batch_norm_function_apply = c_apply(BatchNormFunction)
+residual_function_apply = c_apply(BatchNormResidualFunction)
 direct_backward(BatchNormFunction)
+direct_backward(BatchNormResidualFunction)
 transforms_active = torch._C._are_functorch_transforms_active
 unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
@@ -222,7 +315,8 @@ def _differentiable_backward(ctx, info: _launch.BackwardInfo, grad_output, resid
     constants), then differentiated with create_graph. Slower than the kernels; only taken
     when a second derivative is asked for.
     """
-    input, weight, _, kept = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    input, weight, _, kept = saved if len(saved) == 4 else (*saved, None, None)  # BatchNormFunction saves 2
     bias = ctx.bias
     # The saved tensors themselves (not detached copies): the gradients returned must stay
     # connected to the original inputs for the second derivative to reach them.

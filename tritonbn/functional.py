@@ -13,7 +13,9 @@ from . import _launch
 from ._checks import ACTIVATIONS, check_batch_norm_args, check_fusion_args, check_momentum
 from ._ops import (  # importing _ops registers the torch.ops.tritonbn ops
     BatchNormFunction,
+    BatchNormResidualFunction,
     batch_norm_function_apply,
+    residual_function_apply,
     transforms_active,
     unwrap_if_dead,
 )
@@ -22,6 +24,9 @@ from .kernels.configs import INTERPRETER
 
 # CPU tensors take the Triton path too (backend.backend_for says which implementation runs).
 _ALWAYS_TRITON = INTERPRETER or MOCK_DRIVER
+DEFAULT_SLOPE = 0.01  # leaky_relu's negative slope when none is given
+# torch.compile folds this very function to True while it traces (dynamo knows it by identity).
+is_compiling = torch.compiler.is_compiling
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
@@ -90,14 +95,14 @@ def _batch_norm(
     ``1 / num_batches_tracked``, read on the device.
 
     Every argument is checked before anything changes: on the eager Triton path by the launch
-    plan's build (_launch.forward keys its plans by everything the checks read, so a call
-    that finds a plan is valid), explicitly on the others.
+    plan's build (_launch.forward_plan keys its plans by everything the checks read, so a
+    call that finds a plan is valid), explicitly on the others.
     """
-    if not (input.is_cuda or _ALWAYS_TRITON) or torch.compiler.is_compiling():
+    if not (input.is_cuda or _ALWAYS_TRITON) or is_compiling():
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
         check_fusion_args(input, residual, activation)
         check_momentum(momentum, num_batches_tracked, training, running_mean)
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                         num_batches_tracked, residual, ACTIVATIONS[activation],
                                         float(negative_slope))
@@ -118,21 +123,31 @@ def _batch_norm(
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
     ):
-        spec = (running_mean, running_var, num_batches_tracked, training, eps, activation_code, slope, momentum)
         if transforms_active():
-            return BatchNormFunction.apply(input, weight, bias, residual, spec)
+            # The plan is looked up inside, on what Function.apply's functorch handling hands forward.
+            spec = ((training, eps, activation_code, slope, momentum), running_mean, running_var, num_batches_tracked)
+            if residual is None:
+                return BatchNormFunction.apply(input, weight, bias, spec)
+            return BatchNormResidualFunction.apply(input, weight, bias, residual, spec)
         # Function.apply's C++ core; what its Python wrapper would do here (_ops.c_apply) is
         # to unwrap tensors that outlived a functorch transform, which a module's Parameter
         # never is (transforms wrap into plain Tensors).
-        return batch_norm_function_apply(
-            unwrap_if_dead(input),
-            weight if weight is None or type(weight) is Parameter else unwrap_if_dead(weight),
-            bias if bias is None or type(bias) is Parameter else unwrap_if_dead(bias),
-            None if residual is None else unwrap_if_dead(residual),
-            spec,
-        )
-    return _launch.forward(input, weight, bias, running_mean, running_var, training, eps, residual, activation_code,
-                           slope, momentum, num_batches_tracked)[0]
+        input = unwrap_if_dead(input)
+        if type(weight) is not Parameter and weight is not None:
+            weight = unwrap_if_dead(weight)
+        if type(bias) is not Parameter and bias is not None:
+            bias = unwrap_if_dead(bias)
+        if residual is not None:
+            residual = unwrap_if_dead(residual)
+        plan = _launch.forward_plan(input, weight, bias, running_mean, running_var, training, eps, residual,
+                                    activation_code, slope, momentum, num_batches_tracked)
+        spec = (plan, running_mean, running_var, num_batches_tracked)
+        if residual is None:
+            return batch_norm_function_apply(input, weight, bias, spec)
+        return residual_function_apply(input, weight, bias, residual, spec)
+    plan = _launch.forward_plan(input, weight, bias, running_mean, running_var, training, eps, residual,
+                                activation_code, slope, momentum, num_batches_tracked)
+    return _launch.run_forward(plan, input, weight, bias, running_mean, running_var, residual, num_batches_tracked)[0]
 
 
 def _compiled_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,

@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _launch
 from ._checks import ACTIVATIONS
 from ._compat import bias_kwargs
-from .functional import _batch_norm, _unfused_epilogue, residual_fuses
+from ._ops import batch_norm_function_apply, transforms_active, unwrap_if_dead
+from .functional import _ALWAYS_TRITON, DEFAULT_SLOPE, _batch_norm, _unfused_epilogue, is_compiling, residual_fuses
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
@@ -46,11 +48,34 @@ def batch_norm_state(module: torch.nn.Module) -> tuple:
     return running_mean, running_var, parameters.get("weight"), parameters.get("bias"), bn_training, counter
 
 
+def module_batch_norm(module: torch.nn.Module, input: Tensor) -> Tensor:
+    """A BatchNorm module's forward on ``input`` (whose rank the module has checked).
+
+    batch_norm_state's policy, then ``_batch_norm``; the usual training call (a CUDA input,
+    gradients wanted, not under torch.compile or a functorch transform) goes straight to its
+    launch plan, which checks every argument, and the autograd function: _batch_norm's own
+    path for it, without the layers in between (this runs on every call of every layer).
+    """
+    running_mean, running_var, weight, bias, training, counter = batch_norm_state(module)
+    # is_compiling first: torch.compile must not trace the calls after it.
+    if ((input.is_cuda or _ALWAYS_TRITON) and not is_compiling() and torch.is_grad_enabled()
+            and not transforms_active()
+            and (input.requires_grad or (weight is not None and weight.requires_grad)
+                 or (bias is not None and bias.requires_grad))):
+        # A module's parameters are Parameters, never functorch wrappers; the input may be a
+        # dead one (see functional._batch_norm).
+        input = unwrap_if_dead(input)
+        plan = _launch.forward_plan(input, weight, bias, running_mean, running_var, training, module.eps, None, 0,
+                                    DEFAULT_SLOPE, module.momentum, counter)
+        return batch_norm_function_apply(input, weight, bias, (plan, running_mean, running_var, counter))
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, counter, module.momentum, module.eps)
+
+
 class _TritonBatchNormMixin:
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # _batch_norm checks every argument before anything changes.
-        return _batch_norm(input, *batch_norm_state(self), self.momentum, self.eps)
+        # Every argument is checked before anything changes.
+        return module_batch_norm(self, input)
 
     def _forward(self, input: Tensor, residual: Tensor | None = None, activation: str | None = None,
                  negative_slope: float = 0.01) -> Tensor:

@@ -30,8 +30,7 @@ from . import _launch
 from ._checks import check_batch_norm_args, check_eps
 from ._ops import direct_backward
 from .backend import TORCH_NATIVE, backend_for
-from .functional import _batch_norm
-from .modules import batch_norm_state
+from .modules import batch_norm_state, module_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -108,19 +107,15 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        running_mean, running_var, weight, bias, bn_training, num_batches_tracked = batch_norm_state(self)
-        training = self.training
-
-        process_group, world_size = None, 1
-        if bn_training and training and dist.is_available() and dist.is_initialized():
-            # torch's rule: no initialised default group, no synchronisation (a module built with a
-            # group and then used without torch.distributed behaves as a plain BatchNorm).
-            process_group = self.process_group or dist.group.WORLD
-            world_size = dist.get_world_size(process_group)
+        # torch's rule: no initialised default group, no synchronisation (a module built with a
+        # group and then used without torch.distributed behaves as a plain BatchNorm); nor in eval.
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return module_batch_norm(self, input)  # which checks every argument before anything changes
+        process_group = self.process_group or dist.group.WORLD
+        world_size = dist.get_world_size(process_group)
         if world_size == 1:
-            # A plain BatchNorm: _batch_norm checks every argument before anything changes.
-            return _batch_norm(input, running_mean, running_var, weight, bias, bn_training, num_batches_tracked,
-                               self.momentum, self.eps)
+            return module_batch_norm(self, input)
+        running_mean, running_var, weight, bias, bn_training, num_batches_tracked = batch_norm_state(self)
         need_sync = backend_for(input) != TORCH_NATIVE
         # Synchronised statistics have no one-value rule: other processes add values.
         check_batch_norm_args(input, running_mean, running_var, weight, bias, bn_training and not need_sync)
