@@ -247,8 +247,9 @@ class _ForwardPlan:
         # Statistics and partial rows are allocated as new_empty of this (dtype and device given:
         # the cheapest allocation call from Python, and it runs on every call).
         self.stats_prototype = torch.empty(0, dtype=self.acc, device=x.device)
-        self.backward_plans: dict = {}  # _BackwardPlan by backward(forward_plan=...)'s short key
-        self.eager_backward: dict = {}  # (_BackwardPlan, all wanted) by tritonbn/_ops.py BatchNormFunction's key
+        # (_BackwardPlan, every computed gradient wanted) by tritonbn/_ops.py BatchNormFunction's
+        # short key (the gradients wanted, dy's layout): this plan's key holds the rest.
+        self.backward_plans: dict = {}
         if self.empty:
             return
         meta = {**_common_meta(x, view), **flags}
@@ -347,8 +348,7 @@ def forward(
     num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, _ForwardPlan]:
     """(y, stats, plan): y = act(BN(x) + residual), stats the [3, C] per-channel (mean, rstd,
-    biased var) used (ACC), and the launch plan, which ``backward(forward_plan=...)`` finds
-    its own plan through.
+    biased var) used (ACC), and the launch plan.
 
     training: batch statistics, and the running ones updated in place when given (blend
     factor ``momentum``, or with ``momentum=None`` 1 / ``num_batches_tracked`` read on the
@@ -648,29 +648,17 @@ def backward(
     slope: float = 0.0,
     residual_grad: bool = False,
     residual_is_output: bool = False,
-    forward_plan: _ForwardPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias, dresidual); dweight and dbias are empty when not asked for,
     dresidual is None. stats: the forward's [2+, C] mean and rstd rows (ACC).
 
     bias and residual are needed only to recompute the pre-activation z when an activation
     is fused; with ``residual_is_output`` the ``residual`` argument is the forward's output,
-    whose sign gives relu's and leaky_relu's mask. ``forward_plan``: the plan of the forward
-    that saved these tensors (``forward``'s third value), whose key already holds
-    everything about them; only dy and the gradients asked for are looked up then.
+    whose sign gives relu's and leaky_relu's mask. (The eager autograd function finds its
+    backward plan through its forward plan instead: tritonbn/_ops.py.)
     """
-    deterministic = torch._C._get_deterministic_algorithms()
-    if forward_plan is not None:
-        short_key = (dy.stride(), dy.dtype, param_grads, residual_grad, dy.data_ptr() % ALIGNMENT == 0,
-                     deterministic)
-        plan = forward_plan.backward_plans.get(short_key)
-        if plan is None:
-            plan = forward_plan.backward_plans[short_key] = backward_plan(
-                dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope, residual_grad,
-                residual_is_output, deterministic)
-    else:
-        plan = backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
-                              residual_grad, residual_is_output, deterministic)
+    plan = backward_plan(dy, x, weight, bias, training, param_grads, param_dtype, residual, activation, slope,
+                         residual_grad, residual_is_output, torch._C._get_deterministic_algorithms())
     return run_backward(plan, dy, x, weight, bias, stats, residual)
 
 

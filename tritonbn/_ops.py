@@ -229,9 +229,9 @@ class BatchNormFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         key = (needs, grad_output.stride(), grad_output.dtype, grad_output.data_ptr() % _launch.ALIGNMENT,
                deterministic_algorithms())
-        found = plan.eager_backward.get(key)
+        found = plan.backward_plans.get(key)
         if found is None:
-            found = plan.eager_backward[key] = _eager_backward_plan(plan, needs, grad_output, input, weight, bias,
+            found = plan.backward_plans[key] = _eager_backward_plan(plan, needs, grad_output, input, weight, bias,
                                                                    kept)
         backward_plan, all_wanted = found
         launch = backward_plan.direct
