@@ -15,6 +15,8 @@ float16 within its ``TOLERANCES`` entry.
 """
 
 import contextlib
+import copy
+import functools
 
 import pytest
 import torch
@@ -641,3 +643,127 @@ def test_usual_training_step_takes_the_direct_launch_and_matches_torch(memory_fo
                           (ours.running_var, ref.running_var)):
             torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
         assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
+def _direct_step(memory_format, monkeypatch):
+    """One usual training step (fresh plans) against torch: (ours, ref, x_ours, x_ref, y, y_ref)."""
+    monkeypatch.setattr(_launch, "_forward_plans", {})
+    monkeypatch.setattr(_launch, "_backward_plans", {})
+    ref, ours = _pair(2, num_features=5)
+    x = random_bn_input((3, 5, 4, 6), memory_format=memory_format)
+    dy = torch.randn_like(x)
+    x_ref, x_ours = x.clone().requires_grad_(True), x.to(DEVICE).requires_grad_(True)
+    with triton_ran(2):
+        y = ours(x_ours)
+        y.backward(dy.to(DEVICE))
+    y_ref = ref(x_ref)
+    y_ref.backward(dy)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y.cpu(), y_ref, atol=atol, rtol=rtol)
+    for got, want in ((x_ours.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad),
+                      (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
+                      (ours.running_var, ref.running_var)):
+        torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    return ours, x_ours, y, y_ref
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("allocator", ["inductor", "empty_strided"])
+def test_direct_launch_allocates_what_torch_would(memory_format, allocator, monkeypatch):
+    """The usual call's five buffers come from the plan's fast allocator (inductor's, or
+    torch.empty_strided where a torch lacks it): each is the tensor torch.empty_like(x) or a
+    [C] / [3, C] new_empty would give (shape, strides, dtype, device, no grad), poisoned here
+    in place (not replaced, as poison_outputs does), and the step matches torch."""
+    if allocator == "empty_strided":
+        monkeypatch.setattr(_launch, "_INDUCTOR_GUARDS", None)
+    made = []
+    real = _launch.fast_allocator
+
+    def spying_allocator(device):
+        allocators = real(device)
+        fast = allocators.fast
+        assert (allocator == "inductor") == (not isinstance(fast, functools.partial))
+
+        def spy(size, stride, dtype):
+            assert type(size) is tuple and type(stride) is tuple
+            t = fast(size, stride, dtype)
+            made.append((t.shape, t.stride(), t.dtype, t.device, t.requires_grad))  # y is made an output later
+            return t.fill_(float("nan"))
+        allocators.fast = spy
+        return allocators
+    monkeypatch.setattr(_launch, "fast_allocator", spying_allocator)
+    monkeypatch.setattr(_launch, "poison_outputs", False)
+    ours, x, y, y_ref = _direct_step(memory_format, monkeypatch)
+    c = x.shape[1]
+    like_x = torch.empty_like(x, requires_grad=False)
+    expected = [like_x, x.new_empty((3, c), dtype=torch.float32), like_x, ours.weight.new_empty(c),
+                ours.weight.new_empty(c)]  # y, stats; dx, dweight, dbias
+    assert len(made) == len(expected)
+    for got, want in zip(made, expected):
+        assert got == (want.shape, want.stride(), want.dtype, want.device, False)
+    assert y.stride() == y_ref.stride() and x.grad.stride() == x.stride()
+
+
+def test_direct_launch_on_another_current_device_takes_the_general_path(monkeypatch):
+    """The fast allocator allocates on the current CUDA device: while that is not the input's,
+    the call takes run_forward / run_backward, which allocate on the input's device."""
+    general = []
+    for name in ("run_forward", "run_backward"):
+        original = getattr(_launch, name)
+        monkeypatch.setattr(_launch, name, lambda *args, _f=original, _n=name: general.append(_n) or _f(*args))
+    real, on_device = _launch.fast_allocator, []
+
+    def elsewhere(device):  # plans whose fast allocator would allocate on "cuda:7", not current
+        allocators = real(device)
+        allocators.device_index = 7
+        allocators.fast = None  # must not be called
+        allocators.on_device = lambda *args, _f=allocators.on_device: on_device.append(args) or _f(*args)
+        return allocators
+
+    monkeypatch.setattr(_launch, "fast_allocator", elsewhere)
+    monkeypatch.setattr(_launch, "current_cuda_device", lambda: 0)
+    monkeypatch.setattr(tritonbn._ops, "current_cuda_device", lambda: 0)
+    _direct_step(torch.contiguous_format, monkeypatch)
+    assert general == ["run_forward", "run_backward"]
+    assert len(on_device) == 5  # y, stats; dx, dweight, dbias: on the input's device
+
+
+# (shape, memory format, slice the input (a dense copy), training, momentum): the general
+# paths (run_forward / run_backward), whose buffers come from the plan's allocators too.
+GENERAL_PATHS = {
+    "split-NCHW": ((2, 3, 150, 150), torch.contiguous_format, False, True, 0.1),
+    "split-channels_last": ((9, 4, 60, 70), torch.channels_last, False, True, 0.1),
+    "eval": ((4, 6, 5, 7), torch.channels_last, False, False, 0.1),
+    "sliced-copy": ((4, 6, 10, 7), torch.contiguous_format, True, True, 0.1),
+    "cumulative": ((4, 6, 5, 7), torch.contiguous_format, False, True, None),
+}
+
+
+@pytest.mark.parametrize("case", GENERAL_PATHS)
+def test_general_paths_give_torchs_tensors(case):
+    """Output, input gradient and parameter gradients have torch's shape, strides and dtype
+    (and values) on every path that allocates through run_forward / run_backward."""
+    shape, memory_format, sliced, training, momentum = GENERAL_PATHS[case]
+    ref, ours = _pair(2, num_features=shape[1], momentum=momentum)
+    ref.train(training), ours.train(training)
+    x = random_bn_input(shape, memory_format=memory_format)
+    if sliced:
+        x = x[:, :, ::2]
+    dy = torch.randn_like(x)
+    x_ref, x_ours = x.clone().requires_grad_(True), x.to(DEVICE).requires_grad_(True)
+    with triton_ran():
+        y = ours(x_ours)
+        grads = torch.autograd.grad(y, (x_ours, ours.weight, ours.bias), dy.to(DEVICE))
+    # torch's float32 tensors for the layouts; float64 for the values (float32 sums over 4e4
+    # elements differ from each other by more than the tolerance).
+    ref64 = copy.deepcopy(ref).double()
+    x64 = x.double().requires_grad_(True)
+    y_ref = ref(x_ref)
+    grads_ref = torch.autograd.grad(y_ref, (x_ref, ref.weight, ref.bias), dy)
+    y64 = ref64(x64)
+    grads64 = torch.autograd.grad(y64, (x64, ref64.weight, ref64.bias), dy.double())
+    atol, rtol = TOLERANCES[torch.float32]
+    for got, want, want64 in ((y, y_ref, y64), *zip(grads, grads_ref, grads64)):
+        assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype)
+        torch.testing.assert_close(got.cpu().double(), want64, atol=atol, rtol=rtol)

@@ -128,6 +128,21 @@ def test_without_process_group_behaves_as_batch_norm():
         ours(torch.randn(3, device=DEVICE))
 
 
+
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_channels_are_torchs_error_and_change_nothing(training):
+    # torch's SyncBatchNorm checks the rank, then the channel count, before anything else.
+    ours, ref = tritonbn.SyncBatchNorm(0).to(DEVICE).train(training), torch.nn.SyncBatchNorm(0).to(DEVICE)
+    ref.train(training)
+    x = torch.randn(4, 0, 3, device=DEVICE)
+    with pytest.raises(ValueError) as theirs:
+        ref(x)
+    with pytest.raises(ValueError, match=f"^{theirs.value}$"):
+        ours(x)
+    assert ours.num_batches_tracked.item() == 0
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        ours(torch.randn(0, device=DEVICE))
+
 def test_convert_sync_batchnorm_and_state_dict():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4),
                                 torch.nn.Sequential(torch.nn.SyncBatchNorm(4), tritonbn.BatchNorm2d(4)))

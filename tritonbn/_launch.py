@@ -67,6 +67,51 @@ def poisoned(*tensors: torch.Tensor | None) -> tuple:
     return tuple(None if t is None else _empty_like(t) for t in tensors)
 
 
+# Inductor's allocation entry points (the code torch.compile generates calls them): a tensor
+# from (size, stride, dtype) without empty_strided's argument parsing and dispatch, about half
+# the host time of torch.empty_like here, for the five allocations of every training step.
+# They allocate on the *current* device of their type (torch.cuda.current_device() for
+# CUDA), as a device-less empty_strided does: a plan uses them while that is its device.
+_INDUCTOR_GUARDS = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+current_cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _empty_strided_on(device: torch.device, size: tuple, stride: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(size, stride, dtype=dtype, device=device)
+
+
+class _Allocators:
+    """How a plan allocates its buffers on ``device``: ``fast(size, stride, dtype)`` (size and
+    stride plain tuples) allocates on the current device of ``device``'s type, which is
+    ``device`` while ``current_cuda_device()`` is ``device_index`` (-1: always, as for a CPU
+    device); ``on_device`` allocates on ``device`` itself, always. Both give the tensor
+    ``torch.empty_strided(size, stride, dtype=dtype, device=device)`` would."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on_device = functools.partial(_empty_strided_on, device)
+        fast = getattr(_INDUCTOR_GUARDS, f"_empty_strided_{device.type}", None)
+        if fast is None or device.type not in ("cuda", "cpu"):
+            self.fast, self.device_index = self.on_device, -1
+        else:
+            self.fast, self.device_index = fast, device.index if device.type == "cuda" else -1
+
+    def current(self):
+        """The allocator for a call now: ``fast`` unless another CUDA device is current."""
+        if self.device_index < 0 or current_cuda_device() == self.device_index:
+            return self.fast
+        return self.on_device
+
+
+def fast_allocator(device: torch.device) -> _Allocators:
+    """A plan's allocators on ``device`` (tests wrap this)."""
+    return _Allocators(device)
+
+
+def _rows_layout(rows: int, c: int, dtype: torch.dtype) -> tuple:
+    """(size, stride, dtype) of a contiguous [rows, c] buffer (torch's strides when c is 0 too)."""
+    return (rows, c), (max(c, 1), 1), dtype
+
+
 # Triton's interpreter patches triton.language globally for the length of a launch, so two
 # threads interpreting at once break each other: interpreted launches take turns. Compiled
 # launches need no lock.
@@ -244,9 +289,14 @@ class _ForwardPlan:
         self.empty = view.m == 0 or c == 0
         self.split = False
         self.launches: list[_Launch] = []
-        # Statistics and partial rows are allocated as new_empty of this (dtype and device given:
-        # the cheapest allocation call from Python, and it runs on every call).
-        self.stats_prototype = torch.empty(0, dtype=self.acc, device=x.device)
+        # Buffers, allocated on every call (so by the cheapest call there is): y as x, the dense
+        # tensor the kernels read (torch.empty_like(x) would have its strides too), the [3, C]
+        # statistics, the split route's partial rows.
+        self.allocators = fast_allocator(x.device)
+        # read by tritonbn/_ops.py's usual path without the extra attribute (it runs every call)
+        self.allocate, self.device_index = self.allocators.fast, self.allocators.device_index
+        self.y_layout = (tuple(x.shape), x.stride(), x.dtype)
+        self.stats_layout = _rows_layout(3, c, self.acc)
         # (_BackwardPlan, every computed gradient wanted) by tritonbn/_ops.py BatchNormFunction's
         # short key (the gradients wanted, dy's layout): this plan's key holds the rest.
         self.backward_plans: dict = {}
@@ -274,6 +324,7 @@ class _ForwardPlan:
                                          {**meta, **running}, replayable))
             return
         stats, self.splits = _stats_launch(x, view, replayable)
+        self.parts_layout = _rows_layout(3 * self.splits + 1, c, self.acc)  # counts, means, M2s, pivots
         combine = _combine_launch(c, self.splits, eps, blend, running, meta["ACC"], replayable)
         self.launches += [stats, combine, _normalize_launch(view, eps, slope, meta, False, replayable)]
 
@@ -330,6 +381,7 @@ class BackwardInfo:
 
 
 _forward_plans: dict = {}
+_deterministic_algorithms = torch._C._get_deterministic_algorithms
 _backward_plans: dict = {}
 
 
@@ -373,17 +425,24 @@ def forward_plan(x, weight, bias, running_mean, running_var, training, eps, resi
     # that pass them): a call that finds its plan is valid without checking again. x's and the
     # residual's addresses modulo 16: Triton specialises on their alignment, so a replay needs
     # the same (not on the per-channel tensors': kernels/common.py CALLER_PER_CHANNEL).
+    # One flat tuple (an absent tensor gives None in each of its places): nested tuples cost
+    # an allocation and a hash each, on every call of every layer.
     key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % ALIGNMENT, training,
-           None if weight is None else (weight.dtype, weight.numel(), weight.device),
-           None if bias is None else (bias.dtype, bias.numel(), bias.device),
-           None if running_mean is None else (running_mean.dtype, running_mean.numel(), running_mean.device,
-                                              running_mean.is_contiguous()),
-           None if running_var is None else (running_var.dtype, running_var.numel(), running_var.device,
-                                             running_var.is_contiguous()),
+           None if weight is None else weight.dtype, None if weight is None else weight.numel(),
+           None if weight is None else weight.device,
+           None if bias is None else bias.dtype, None if bias is None else bias.numel(),
+           None if bias is None else bias.device,
+           None if running_mean is None else running_mean.dtype,
+           None if running_mean is None else running_mean.numel(),
+           None if running_mean is None else running_mean.device,
+           None if running_mean is None else running_mean.is_contiguous(),
+           None if running_var is None else running_var.dtype, None if running_var is None else running_var.numel(),
+           None if running_var is None else running_var.device,
+           None if running_var is None else running_var.is_contiguous(),
            None if num_batches_tracked is None else num_batches_tracked.device,
            None if residual is None else (residual.stride(), residual.shape, residual.dtype, residual.device,
                                           residual.data_ptr() % ALIGNMENT),
-           activation, eps, slope, momentum, torch._C._get_deterministic_algorithms())
+           activation, eps, slope, momentum, _deterministic_algorithms())
     plan = _forward_plans.get(key)
     if plan is None:
         plan = _forward_plans[key] = _build_forward_plan(x, weight, bias, running_mean, running_var, training,
@@ -402,15 +461,16 @@ def run_forward(plan, x, weight, bias, running_mean, running_var, residual, num_
         num_batches_tracked.add_(1)
     if plan.dense_copy:
         x = x.contiguous()
-    y = torch.empty_like(x)
-    stats = plan.stats_prototype.new_empty(3, plan.c)  # mean, rstd, biased var
+    allocate = plan.allocators.current()
+    y = allocate(*plan.y_layout)
+    stats = allocate(*plan.stats_layout)  # mean, rstd, biased var
     if poison_outputs:
         y, stats = poisoned(y, stats)
     if plan.empty:
         # Empty batch: an empty output and no statistics (torch leaves running stats alone).
         return y, stats.zero_()
     if residual is not None and plan.residual_copy:
-        residual = torch.empty_like(x).copy_(residual)
+        residual = allocate(*plan.y_layout).copy_(residual)
     r = residual if residual is not None else y
     # Stand-ins for absent optional tensors: never read (their HAS_* / UPDATE_* flag is off).
     w = weight.contiguous() if weight is not None else stats
@@ -428,7 +488,7 @@ def run_forward(plan, x, weight, bias, running_mean, running_var, residual, num_
         launches[0].enqueue(x, y, r, w, b, stats, rm, rv, nbt)
     else:
         # counts, means, M2s, pivots (kernels/forward.py)
-        parts = plan.stats_prototype.new_empty(3 * plan.splits + 1, plan.c)
+        parts = allocate(*plan.parts_layout)
         if poison_outputs:
             parts, = poisoned(parts)
         launches[0].enqueue(x, parts)
@@ -562,10 +622,14 @@ class _BackwardPlan:
         self.dense_copy, self.dy_copy, self.residual_copy = dense_copy, dy_copy, residual_copy
         self.empty = view.m == 0 or c == 0
         self.grads_size = c if (param_grads or training) else 0
-        # dweight and dbias are allocated as new_empty of this (dtype and device given: the
-        # cheapest allocation call from Python, and this runs on every backward).
-        self.grads_prototype = torch.empty(0, dtype=param_dtype, device=x.device)
-        self.sums_prototype = torch.empty(0, dtype=self.acc, device=x.device)  # the split route's ACC sums
+        # Buffers, allocated on every call (so by the cheapest call there is): dx (and the
+        # residual's gradient) as x, the dense tensor the kernels read; dweight and dbias; the
+        # split route's partial and combined sums.
+        self.allocators = fast_allocator(x.device)
+        # read by tritonbn/_ops.py's usual path without the extra attribute (it runs every call)
+        self.allocate, self.device_index = self.allocators.fast, self.allocators.device_index
+        self.dx_layout = (tuple(x.shape), x.stride(), x.dtype)
+        self.grads_layout = ((self.grads_size,), (1,), param_dtype)
         self.residual_grad = residual_grad
         self.route = "dx"
         self.launches: list[_Launch] = []
@@ -669,17 +733,16 @@ def run_backward(plan, dy, x, weight, bias, stats, residual) -> tuple:
     """
     if plan.dense_copy:
         x = x.contiguous()
+    allocate = plan.allocators.current()
     if plan.dy_copy:
-        dy = torch.empty_like(x).copy_(dy)
+        dy = allocate(*plan.dx_layout).copy_(dy)
     if residual is not None and plan.residual_copy:
-        residual = torch.empty_like(x).copy_(residual)
+        residual = allocate(*plan.dx_layout).copy_(residual)
     residual_grad = plan.residual_grad
-    # Allocated here, not through _empty, and as new_empty of a buffer of the right dtype and
-    # device: this runs on every call (host cost).
-    dx = torch.empty_like(x)
-    dweight = plan.grads_prototype.new_empty(plan.grads_size)
-    dbias = plan.grads_prototype.new_empty(plan.grads_size)
-    dresidual = torch.empty_like(x) if residual_grad else None
+    dx = allocate(*plan.dx_layout)
+    dweight = allocate(*plan.grads_layout)
+    dbias = allocate(*plan.grads_layout)
+    dresidual = allocate(*plan.dx_layout) if residual_grad else None
     if poison_outputs:
         dx, dweight, dbias, dresidual = poisoned(dx, dweight, dbias, dresidual)
     if plan.empty:
@@ -695,8 +758,8 @@ def run_backward(plan, dy, x, weight, bias, stats, residual) -> tuple:
         launches[0].enqueue(x, dy, dx, r, dr, w, b, stats, dweight, dbias)
     else:
         splits, c = plan.splits, plan.c
-        parts = plan.sums_prototype.new_empty((2 * splits, c))  # partial sums of dz, then of dz * xhat
-        sums = plan.sums_prototype.new_empty((2, c))
+        parts = allocate(*_rows_layout(2 * splits, c, plan.acc))  # partial sums of dz, then of dz * xhat
+        sums = allocate(*_rows_layout(2, c, plan.acc))
         if poison_outputs:
             parts, sums = poisoned(parts, sums)
         dz = dr if plan.store_dz else dy  # a pointer that is never written when not store_dz

@@ -186,11 +186,13 @@ class BatchNormFunction(torch.autograd.Function):
             plan = _launch.forward_plan(input, weight, bias, running_mean, running_var, *plan,
                                         num_batches_tracked=num_batches_tracked)
         launch = plan.direct
-        if launch is not None:
+        if launch is not None and (plan.device_index < 0 or current_cuda_device() == plan.device_index):
             # The usual training call (one launch, which also updates the running statistics and
-            # counts the batch), here rather than in run_forward: it runs on every step of every layer.
-            y = torch.empty_like(input)
-            stats = plan.stats_prototype.new_empty(3, plan.c)  # mean, rstd, biased var
+            # counts the batch), here rather than in run_forward: it runs on every step of every
+            # layer. Its outputs come from the plan's fast allocator, on the input's device.
+            allocate = plan.allocate
+            y = allocate(*plan.y_layout)
+            stats = allocate(*plan.stats_layout)  # mean, rstd, biased var
             if _launch.poison_outputs:
                 y, stats = _launch.poisoned(y, stats)
             ctx.stats = stats
@@ -235,13 +237,15 @@ class BatchNormFunction(torch.autograd.Function):
                                                                    kept)
         backward_plan, all_wanted = found
         launch = backward_plan.direct
-        if launch is not None and all_wanted:
+        if launch is not None and all_wanted and (backward_plan.device_index < 0
+                                                  or current_cuda_device() == backward_plan.device_index):
             # The usual call (one launch, nothing copied), here rather than in run_backward: it runs
-            # on every step of every layer.
+            # on every step of every layer. Gradients from the plan's fast allocator.
             stats = ctx.stats
-            dx = torch.empty_like(input)
-            dweight = backward_plan.grads_prototype.new_empty(backward_plan.grads_size)
-            dbias = backward_plan.grads_prototype.new_empty(backward_plan.grads_size)
+            allocate = backward_plan.allocate
+            dx = allocate(*backward_plan.dx_layout)
+            dweight = allocate(*backward_plan.grads_layout)
+            dbias = allocate(*backward_plan.grads_layout)
             if _launch.poison_outputs:
                 dx, dweight, dbias = _launch.poisoned(dx, dweight, dbias)
             launch.enqueue(input, grad_output, dx, dx if kept is None else kept, dx,
@@ -268,6 +272,7 @@ class BatchNormResidualFunction(torch.autograd.Function):
 
 
 deterministic_algorithms = torch._C._get_deterministic_algorithms
+current_cuda_device = _launch.current_cuda_device
 
 
 def _eager_backward_plan(plan, needs, grad_output, input, weight, bias, kept) -> tuple:

@@ -34,6 +34,9 @@ from .modules import batch_norm_state, module_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
+# Fixed by how torch was built: read once, not on every call of every layer.
+_DISTRIBUTED = dist.is_available()
+
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
@@ -106,10 +109,11 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
+        if input.shape[1] == 0:  # torch's _check_non_zero_input_channels (its size(1) costs more)
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         # torch's rule: no initialised default group, no synchronisation (a module built with a
         # group and then used without torch.distributed behaves as a plain BatchNorm); nor in eval.
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if not (self.training and _DISTRIBUTED and dist.is_initialized()):
             return module_batch_norm(self, input)  # which checks every argument before anything changes
         process_group = self.process_group or dist.group.WORLD
         world_size = dist.get_world_size(process_group)
