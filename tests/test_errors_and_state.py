@@ -625,31 +625,13 @@ def test_usual_training_step_takes_the_direct_launch_and_matches_torch(memory_fo
         monkeypatch.setattr(_launch, name, lambda *args, _f=original, _n=name: general.append(_n) or _f(*args))
     for momentum, expected in ((0.1, []), (None, ["run_forward"])):
         general.clear()
-        ref, ours = _pair(2, num_features=4, momentum=momentum)
-        x = random_bn_input((3, 4, 5, 6), memory_format=memory_format)
-        dy = torch.randn_like(x)
-        x_ref, x_ours = x.clone().requires_grad_(True), x.to(DEVICE).requires_grad_(True)
-        with triton_ran(2):
-            y = ours(x_ours)
-            y.backward(dy.to(DEVICE))
+        _training_step_against_torch(memory_format, momentum)
         assert general == expected
-        y_ref = ref(x_ref)
-        y_ref.backward(dy)
-        atol, rtol = TOLERANCES[torch.float32]
-        torch.testing.assert_close(y.cpu(), y_ref, atol=atol, rtol=rtol)
-        assert y.stride() == y_ref.stride()
-        for got, want in ((x_ours.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad),
-                          (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
-                          (ours.running_var, ref.running_var)):
-            torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
-        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
 
-
-def _direct_step(memory_format, monkeypatch):
-    """One usual training step (fresh plans) against torch: (ours, ref, x_ours, x_ref, y, y_ref)."""
-    monkeypatch.setattr(_launch, "_forward_plans", {})
-    monkeypatch.setattr(_launch, "_backward_plans", {})
-    ref, ours = _pair(2, num_features=5)
+def _training_step_against_torch(memory_format, momentum=0.1):
+    """One training step of tritonbn's BatchNorm2d and torch's, checked against each other
+    (output and its strides, gradients, running statistics, counter): (ours, x, y)."""
+    ref, ours = _pair(2, num_features=5, momentum=momentum)
     x = random_bn_input((3, 5, 4, 6), memory_format=memory_format)
     dy = torch.randn_like(x)
     x_ref, x_ours = x.clone().requires_grad_(True), x.to(DEVICE).requires_grad_(True)
@@ -660,12 +642,20 @@ def _direct_step(memory_format, monkeypatch):
     y_ref.backward(dy)
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(y.cpu(), y_ref, atol=atol, rtol=rtol)
+    assert y.stride() == y_ref.stride()
     for got, want in ((x_ours.grad, x_ref.grad), (ours.weight.grad, ref.weight.grad),
                       (ours.bias.grad, ref.bias.grad), (ours.running_mean, ref.running_mean),
                       (ours.running_var, ref.running_var)):
         torch.testing.assert_close(got.cpu(), want, atol=atol, rtol=rtol)
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
-    return ours, x_ours, y, y_ref
+    return ours, x_ours, y
+
+
+def _direct_step(memory_format, monkeypatch):
+    """_training_step_against_torch with fresh launch plans (built by the allocators in force)."""
+    monkeypatch.setattr(_launch, "_forward_plans", {})
+    monkeypatch.setattr(_launch, "_backward_plans", {})
+    return _training_step_against_torch(memory_format)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["NCHW", "channels_last"])
@@ -694,7 +684,7 @@ def test_direct_launch_allocates_what_torch_would(memory_format, allocator, monk
         return allocators
     monkeypatch.setattr(_launch, "fast_allocator", spying_allocator)
     monkeypatch.setattr(_launch, "poison_outputs", False)
-    ours, x, y, y_ref = _direct_step(memory_format, monkeypatch)
+    ours, x, y = _direct_step(memory_format, monkeypatch)
     c = x.shape[1]
     like_x = torch.empty_like(x, requires_grad=False)
     expected = [like_x, x.new_empty((3, c), dtype=torch.float32), like_x, ours.weight.new_empty(c),
@@ -702,7 +692,7 @@ def test_direct_launch_allocates_what_torch_would(memory_format, allocator, monk
     assert len(made) == len(expected)
     for got, want in zip(made, expected):
         assert got == (want.shape, want.stride(), want.dtype, want.device, False)
-    assert y.stride() == y_ref.stride() and x.grad.stride() == x.stride()
+    assert x.grad.stride() == x.stride()
 
 
 def test_direct_launch_on_another_current_device_takes_the_general_path(monkeypatch):
